@@ -1,0 +1,46 @@
+# muonreg: `make train` and `make test` are all a fresh machine needs.
+# GPU users pick their torch build, e.g.
+#   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+ARGS ?=
+
+.PHONY: install data train sweep ablation compare ui test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, hydra, mlflow, h5py, muonreg"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: install
+	$(PY) -m muonreg.data.simulate --default
+
+train: data
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check muonreg tests bench train.py
+	$(VENV)/bin/ruff format --check muonreg tests bench train.py
+
+bench: install
+	$(PY) bench/simulator_throughput.py
+	$(PY) bench/loader_throughput.py --workers 0
+	$(PY) bench/loader_throughput.py --workers 2
+	$(PY) bench/fit_resolution.py
+
+clean:
+	rm -rf outputs multirun bench/out .pytest_cache .ruff_cache

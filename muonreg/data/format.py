@@ -1,0 +1,307 @@
+"""Read and write the hepattn ATLAS-muon dataset layout (DESIGN section 2).
+
+A dataset is a directory with `metadata.yaml`, `event_file_indices.npy`, `event_row_indices.npy`
+and `data/*.h5`. Each HDF5 file holds NaN-padded `hits` [events, max_hits, F] and `tracks`
+[events, max_tracks, 4] plus `num_hits`, `num_tracks` and `event_numbers`. A row is read as
+`hits[row, :num_hits]`, so the padding never leaves this module.
+
+The reader opens files lazily, per process (so DataLoader workers each get their own handles),
+reads only the rows it is asked for, and checks every event it returns: errors name the file,
+the event row and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_LINK
+
+METADATA = "metadata.yaml"
+FILE_INDICES = "event_file_indices.npy"
+ROW_INDICES = "event_row_indices.npy"
+
+
+class DataFormatError(ValueError):
+    """A dataset on disk does not follow the layout; the message names file, row and problem."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event as stored: columns in the dataset's own order, no padding."""
+
+    hits: np.ndarray  # float32 [num_hits, len(hit_features)]
+    tracks: np.ndarray  # float32 [num_tracks, len(track_features)]
+    event_number: int
+
+
+def is_dataset(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory holding the files of the layout."""
+    path = Path(path)
+    return all((path / name).is_file() for name in (METADATA, FILE_INDICES, ROW_INDICES))
+
+
+def _decode(names: Iterable) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+class DatasetReader:
+    """Random access to the events of one dataset directory, in constant memory."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        required_hit_features: Iterable[str] = (TRUTH_LINK,),
+        required_track_features: Iterable[str] = TRACK_FEATURES,
+        max_tracks: int | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DataFormatError(f"{self.path}: not a directory (expected a dataset in the hepattn layout)")
+        for name in (METADATA, FILE_INDICES, ROW_INDICES):
+            if not (self.path / name).is_file():
+                raise DataFormatError(f"{self.path}: missing {name}; this is not a dataset in the hepattn layout")
+        meta_path = self.path / METADATA
+        with open(meta_path) as f:
+            self.metadata = yaml.safe_load(f) or {}
+        for key in ("hit_features", "track_features", "event_mapping"):
+            if key not in self.metadata:
+                raise DataFormatError(f"{meta_path}: missing key '{key}'")
+        self.hit_features = _decode(self.metadata["hit_features"])
+        self.track_features = _decode(self.metadata["track_features"])
+        for kind, have, need in (
+            ("hit", self.hit_features, required_hit_features),
+            ("track", self.track_features, required_track_features),
+        ):
+            missing = [n for n in need if n not in have]
+            if missing:
+                raise DataFormatError(f"{meta_path}: required {kind} column(s) {missing} not in {kind}_features {have}")
+        self.hit_index = {n: i for i, n in enumerate(self.hit_features)}
+        self.track_index = {n: i for i, n in enumerate(self.track_features)}
+        self._link_col = self.hit_index.get(TRUTH_LINK)
+        self.max_tracks = max_tracks
+
+        try:
+            self.chunks = list(self.metadata["event_mapping"]["chunk_summary"])
+        except (KeyError, TypeError) as err:
+            raise DataFormatError(f"{meta_path}: event_mapping has no chunk_summary list") from err
+        self.files = [self._resolve(c, meta_path) for c in self.chunks]
+        # Memory-mapped: millions of events cost no resident memory until touched.
+        self.file_indices = np.load(self.path / FILE_INDICES, mmap_mode="r")
+        self.row_indices = np.load(self.path / ROW_INDICES, mmap_mode="r")
+        if len(self.file_indices) != len(self.row_indices):
+            raise DataFormatError(
+                f"{self.path}: {FILE_INDICES} has {len(self.file_indices)} entries but "
+                f"{ROW_INDICES} has {len(self.row_indices)}"
+            )
+        if len(self.file_indices) and (self.file_indices.min() < 0 or self.file_indices.max() >= len(self.files)):
+            raise DataFormatError(
+                f"{self.path / FILE_INDICES}: file index outside 0..{len(self.files) - 1} "
+                f"(metadata lists {len(self.files)} files)"
+            )
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def _resolve(self, chunk: dict, meta_path: Path) -> Path:
+        if not isinstance(chunk, dict) or "h5_file" not in chunk:
+            raise DataFormatError(f"{meta_path}: chunk_summary entry {chunk!r} has no h5_file")
+        file = self.path / chunk["h5_file"]
+        if not file.is_file():
+            raise DataFormatError(f"{meta_path}: listed file {chunk['h5_file']} not found at {file}")
+        return file
+
+    def __len__(self) -> int:
+        return len(self.file_indices)
+
+    def __getstate__(self) -> dict:
+        # h5py handles do not cross process boundaries; each worker reopens its own.
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _open(self, file_idx: int) -> h5py.File:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(file_idx)
+        if handle is None:
+            handle = h5py.File(self.files[file_idx], "r")
+            self._check_file(handle, self.files[file_idx])
+            self._handles[file_idx] = handle
+        return handle
+
+    def _check_file(self, f: h5py.File, file: Path) -> None:
+        for name in ("hits", "tracks", "num_hits", "num_tracks"):
+            if name not in f:
+                raise DataFormatError(f"{file}: missing dataset '{name}'")
+        hits, tracks = f["hits"], f["tracks"]
+        if hits.ndim != 3 or hits.shape[2] != len(self.hit_features):
+            raise DataFormatError(
+                f"{file}: hits has shape {hits.shape}, expected [events, max_hits, {len(self.hit_features)}] "
+                f"for the {len(self.hit_features)} hit_features of {METADATA}"
+            )
+        if tracks.ndim != 3 or tracks.shape[2] != len(self.track_features):
+            raise DataFormatError(
+                f"{file}: tracks has shape {tracks.shape}, expected [events, max_tracks, "
+                f"{len(self.track_features)}] for the track_features of {METADATA}"
+            )
+        for name in ("num_hits", "num_tracks"):
+            if f[name].shape != (hits.shape[0],):
+                raise DataFormatError(f"{file}: {name} has shape {f[name].shape}, expected ({hits.shape[0]},)")
+        for attr, expected in (("hit_features", self.hit_features), ("track_features", self.track_features)):
+            if attr in f.attrs and _decode(f.attrs[attr]) != expected:
+                raise DataFormatError(f"{file}: attribute {attr} disagrees with {METADATA}")
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file index, row) of dataset event `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: event {index} outside 0..{len(self) - 1}")
+        return int(self.file_indices[index]), int(self.row_indices[index])
+
+    def read(self, index: int) -> Event:
+        file_idx, row = self.locate(index)
+        f = self._open(file_idx)
+        file = self.files[file_idx]
+        if not 0 <= row < f["hits"].shape[0]:
+            raise DataFormatError(f"{file}: event row {row} (dataset event {index}) outside 0..{f['hits'].shape[0] - 1}")
+        n_hits, n_tracks = int(f["num_hits"][row]), int(f["num_tracks"][row])
+        where = f"{file}: event row {row} (dataset event {index})"
+        if not 0 <= n_hits <= f["hits"].shape[1]:
+            raise DataFormatError(f"{where}: num_hits={n_hits} outside 0..{f['hits'].shape[1]}")
+        if not 0 <= n_tracks <= f["tracks"].shape[1]:
+            raise DataFormatError(f"{where}: num_tracks={n_tracks} outside 0..{f['tracks'].shape[1]}")
+        if self.max_tracks is not None and n_tracks > self.max_tracks:
+            raise DataFormatError(f"{where}: {n_tracks} tracks, more than the configured maximum {self.max_tracks}")
+        hits = np.asarray(f["hits"][row, :n_hits], dtype=np.float32)
+        tracks = np.asarray(f["tracks"][row, :n_tracks], dtype=np.float32)
+        if self._link_col is not None:
+            link = hits[:, self._link_col]
+            bad = ~np.isin(link, np.arange(NOISE_LINK, n_tracks))
+            if bad.any():
+                raise DataFormatError(
+                    f"{where}: {TRUTH_LINK} value {link[bad][0]!r} at hit {int(np.argmax(bad))} "
+                    f"outside -1..{n_tracks - 1} (num_tracks={n_tracks})"
+                )
+        number = int(f["event_numbers"][row]) if "event_numbers" in f else index
+        return Event(hits=hits, tracks=tracks, event_number=number)
+
+    def num_hits(self) -> np.ndarray:
+        """Hit count of every event, in dataset order (read from the small per-file count arrays)."""
+        counts = np.empty(len(self), dtype=np.int32)
+        file_indices = np.asarray(self.file_indices)
+        for file_idx in range(len(self.files)):
+            selected = np.flatnonzero(file_indices == file_idx)
+            if len(selected):
+                per_file = self._open(file_idx)["num_hits"][:]
+                counts[selected] = per_file[np.asarray(self.row_indices)[selected]]
+        return counts
+
+
+def _pad(arrays: Sequence[np.ndarray], width: int, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(a) for a in arrays], dtype=np.int16)
+    out = np.full((len(arrays), max(min_len, int(lengths.max(initial=0))), width), np.nan, dtype=np.float32)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out, lengths
+
+
+class DatasetWriter:
+    """Writes a dataset directory file by file; the directory appears only when complete.
+
+    Files are written into `<out>.partial/` and renamed to `<out>` by `finish()`, so an interrupted
+    run never leaves something that looks like a dataset. Output is byte-reproducible.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        hit_features: Sequence[str] = HIT_FEATURES,
+        track_features: Sequence[str] = TRACK_FEATURES,
+        processing_parameters: dict | None = None,
+        compression: str | None = "gzip",
+        source: str = "muonreg-simulate",
+    ):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists():
+            raise FileExistsError(f"{self.out_dir} already exists; remove it or choose another --out")
+        self.tmp_dir = self.out_dir.with_name(self.out_dir.name + ".partial")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        (self.tmp_dir / "data").mkdir(parents=True)
+        self.hit_features, self.track_features = list(hit_features), list(track_features)
+        self.processing_parameters = processing_parameters or {}
+        self.compression, self.source = compression, source
+        self.chunks: list[dict] = []
+        self.file_indices: list[np.ndarray] = []
+
+    def write_file(self, hits: Sequence[np.ndarray], tracks: Sequence[np.ndarray], event_numbers: Sequence[int]) -> Path:
+        """Write one `data/*.h5` file from per-event unpadded arrays."""
+        n = len(hits)
+        if not n == len(tracks) == len(event_numbers):
+            raise ValueError(f"hits, tracks and event_numbers disagree in length ({n}, {len(tracks)}, {len(event_numbers)})")
+        hit_arr, num_hits = _pad(hits, len(self.hit_features))
+        track_arr, num_tracks = _pad(tracks, len(self.track_features))
+        name = f"data/events_{len(self.chunks):04d}.h5"
+        # gzip with h5py's automatic chunking, as the reference stage-1 preparation writes;
+        # uncompressed files are chunked one event per chunk for cheap random reads.
+        opts = {"compression": "gzip"} if self.compression == "gzip" else {"chunks": (1, *hit_arr.shape[1:])}
+        track_opts = {"compression": "gzip"} if self.compression == "gzip" else {}
+        with h5py.File(self.tmp_dir / name, "w", track_order=False) as f:
+            f.create_dataset("hits", data=hit_arr, track_times=False, **opts)
+            f.create_dataset("tracks", data=track_arr, track_times=False, **track_opts)
+            f.create_dataset("num_hits", data=num_hits, track_times=False)
+            f.create_dataset("num_tracks", data=num_tracks, track_times=False)
+            f.create_dataset("event_numbers", data=np.asarray(event_numbers, dtype=np.int64), track_times=False)
+            f.attrs["num_events"] = n
+            f.attrs["hit_features"] = self.hit_features
+            f.attrs["track_features"] = self.track_features
+        self.chunks.append(
+            {"h5_file": name, "source_root_file": self.source, "event_count": n, "worker_id": len(self.chunks)}
+        )
+        self.file_indices.append(np.full(n, len(self.chunks) - 1, dtype=np.int64))
+        return self.tmp_dir / name
+
+    def finish(self) -> Path:
+        """Write the metadata and index arrays, then move the dataset into place."""
+        file_indices = np.concatenate(self.file_indices) if self.file_indices else np.zeros(0, np.int64)
+        row_indices = (
+            np.concatenate([np.arange(len(i), dtype=np.int64) for i in self.file_indices])
+            if self.file_indices
+            else np.zeros(0, np.int64)
+        )
+        np.save(self.tmp_dir / FILE_INDICES, file_indices)
+        np.save(self.tmp_dir / ROW_INDICES, row_indices)
+        metadata = {
+            "hit_features": self.hit_features,
+            "track_features": self.track_features,
+            "processing_parameters": self.processing_parameters,
+            "event_mapping": {"chunk_summary": self.chunks, "total_events": int(len(file_indices))},
+        }
+        with open(self.tmp_dir / METADATA, "w") as f:
+            yaml.safe_dump(metadata, f, sort_keys=False)
+        self.tmp_dir.rename(self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
