@@ -68,7 +68,9 @@ class DatasetReader:
             raise DataFormatError(f"{self.path}: not a directory (expected a dataset in the hepattn layout)")
         for name in (METADATA, FILE_INDICES, ROW_INDICES):
             if not (self.path / name).is_file():
-                raise DataFormatError(f"{self.path}: missing {name}; this is not a dataset in the hepattn layout")
+                raise DataFormatError(
+                    f"{self.path}: missing {name}; this is not a dataset in the hepattn layout"
+                )
         meta_path = self.path / METADATA
         with open(meta_path) as f:
             self.metadata = yaml.safe_load(f) or {}
@@ -83,7 +85,9 @@ class DatasetReader:
         ):
             missing = [n for n in need if n not in have]
             if missing:
-                raise DataFormatError(f"{meta_path}: required {kind} column(s) {missing} not in {kind}_features {have}")
+                raise DataFormatError(
+                    f"{meta_path}: required {kind} column(s) {missing} not in {kind}_features {have}"
+                )
         self.hit_index = {n: i for i, n in enumerate(self.hit_features)}
         self.track_index = {n: i for i, n in enumerate(self.track_features)}
         self._link_col = self.hit_index.get(TRUTH_LINK)
@@ -102,7 +106,9 @@ class DatasetReader:
                 f"{self.path}: {FILE_INDICES} has {len(self.file_indices)} entries but "
                 f"{ROW_INDICES} has {len(self.row_indices)}"
             )
-        if len(self.file_indices) and (self.file_indices.min() < 0 or self.file_indices.max() >= len(self.files)):
+        if len(self.file_indices) and (
+            self.file_indices.min() < 0 or self.file_indices.max() >= len(self.files)
+        ):
             raise DataFormatError(
                 f"{self.path / FILE_INDICES}: file index outside 0..{len(self.files) - 1} "
                 f"(metadata lists {len(self.files)} files)"
@@ -154,7 +160,9 @@ class DatasetReader:
             )
         for name in ("num_hits", "num_tracks"):
             if f[name].shape != (hits.shape[0],):
-                raise DataFormatError(f"{file}: {name} has shape {f[name].shape}, expected ({hits.shape[0]},)")
+                raise DataFormatError(
+                    f"{file}: {name} has shape {f[name].shape}, expected ({hits.shape[0]},)"
+                )
         for attr, expected in (("hit_features", self.hit_features), ("track_features", self.track_features)):
             if attr in f.attrs and _decode(f.attrs[attr]) != expected:
                 raise DataFormatError(f"{file}: attribute {attr} disagrees with {METADATA}")
@@ -175,7 +183,9 @@ class DatasetReader:
         f = self._open(file_idx)
         file = self.files[file_idx]
         if not 0 <= row < f["hits"].shape[0]:
-            raise DataFormatError(f"{file}: event row {row} (dataset event {index}) outside 0..{f['hits'].shape[0] - 1}")
+            raise DataFormatError(
+                f"{file}: event row {row} (dataset event {index}) outside 0..{f['hits'].shape[0] - 1}"
+            )
         n_hits, n_tracks = int(f["num_hits"][row]), int(f["num_tracks"][row])
         where = f"{file}: event row {row} (dataset event {index})"
         if not 0 <= n_hits <= f["hits"].shape[1]:
@@ -183,9 +193,14 @@ class DatasetReader:
         if not 0 <= n_tracks <= f["tracks"].shape[1]:
             raise DataFormatError(f"{where}: num_tracks={n_tracks} outside 0..{f['tracks'].shape[1]}")
         if self.max_tracks is not None and n_tracks > self.max_tracks:
-            raise DataFormatError(f"{where}: {n_tracks} tracks, more than the configured maximum {self.max_tracks}")
+            raise DataFormatError(
+                f"{where}: {n_tracks} tracks, more than the configured maximum {self.max_tracks}"
+            )
         hits = np.asarray(f["hits"][row, :n_hits], dtype=np.float32)
         tracks = np.asarray(f["tracks"][row, :n_tracks], dtype=np.float32)
+        if not np.isfinite(tracks).all():
+            col = self.track_features[int(np.argwhere(~np.isfinite(tracks))[0, 1])]
+            raise DataFormatError(f"{where}: non-finite {col} for one of its {n_tracks} tracks")
         if self._link_col is not None:
             link = hits[:, self._link_col]
             bad = ~np.isin(link, np.arange(NOISE_LINK, n_tracks))
@@ -246,11 +261,15 @@ class DatasetWriter:
         self.chunks: list[dict] = []
         self.file_indices: list[np.ndarray] = []
 
-    def write_file(self, hits: Sequence[np.ndarray], tracks: Sequence[np.ndarray], event_numbers: Sequence[int]) -> Path:
+    def write_file(
+        self, hits: Sequence[np.ndarray], tracks: Sequence[np.ndarray], event_numbers: Sequence[int]
+    ) -> Path:
         """Write one `data/*.h5` file from per-event unpadded arrays."""
         n = len(hits)
         if not n == len(tracks) == len(event_numbers):
-            raise ValueError(f"hits, tracks and event_numbers disagree in length ({n}, {len(tracks)}, {len(event_numbers)})")
+            raise ValueError(
+                f"hits, tracks and event_numbers disagree in length ({n}, {len(tracks)}, {len(event_numbers)})"
+            )
         hit_arr, num_hits = _pad(hits, len(self.hit_features))
         track_arr, num_tracks = _pad(tracks, len(self.track_features))
         name = f"data/events_{len(self.chunks):04d}.h5"
@@ -263,12 +282,19 @@ class DatasetWriter:
             f.create_dataset("tracks", data=track_arr, track_times=False, **track_opts)
             f.create_dataset("num_hits", data=num_hits, track_times=False)
             f.create_dataset("num_tracks", data=num_tracks, track_times=False)
-            f.create_dataset("event_numbers", data=np.asarray(event_numbers, dtype=np.int64), track_times=False)
+            f.create_dataset(
+                "event_numbers", data=np.asarray(event_numbers, dtype=np.int64), track_times=False
+            )
             f.attrs["num_events"] = n
             f.attrs["hit_features"] = self.hit_features
             f.attrs["track_features"] = self.track_features
         self.chunks.append(
-            {"h5_file": name, "source_root_file": self.source, "event_count": n, "worker_id": len(self.chunks)}
+            {
+                "h5_file": name,
+                "source_root_file": self.source,
+                "event_count": n,
+                "worker_id": len(self.chunks),
+            }
         )
         self.file_indices.append(np.full(n, len(self.chunks) - 1, dtype=np.int64))
         return self.tmp_dir / name
@@ -287,7 +313,7 @@ class DatasetWriter:
             "hit_features": self.hit_features,
             "track_features": self.track_features,
             "processing_parameters": self.processing_parameters,
-            "event_mapping": {"chunk_summary": self.chunks, "total_events": int(len(file_indices))},
+            "event_mapping": {"chunk_summary": self.chunks, "total_events": len(file_indices)},
         }
         with open(self.tmp_dir / METADATA, "w") as f:
             yaml.safe_dump(metadata, f, sort_keys=False)

@@ -1,0 +1,102 @@
+"""Shared fixtures: small datasets written straight with h5py in the reference layout."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
+
+
+def random_events(n: int, seed: int = 0, max_tracks: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Plausible-looking events in schema column order (not physics: only shapes and ranges)."""
+    rng = np.random.default_rng(seed)
+    hits, tracks = [], []
+    for _ in range(n):
+        n_tracks = int(rng.integers(1, max_tracks + 1))
+        n_hits = int(rng.integers(3, 40))
+        h = rng.normal(size=(n_hits, len(HIT_FEATURES))).astype(np.float32) * 1000
+        link = rng.integers(-1, n_tracks, size=n_hits)
+        h[:, HIT_FEATURES.index("spacePoint_truthLink")] = link
+        h[:, HIT_FEATURES.index("spacePoint_technology")] = rng.choice([0, 2, 3], size=n_hits)
+        t = np.stack(
+            [
+                rng.uniform(5, 200, n_tracks),
+                rng.uniform(-2.7, 2.7, n_tracks),
+                rng.uniform(-np.pi, np.pi, n_tracks),
+                rng.choice([-1.0, 1.0], n_tracks),
+            ],
+            axis=1,
+        ).astype(np.float32)
+        hits.append(h)
+        tracks.append(t)
+    return hits, tracks
+
+
+def write_reference_dataset(
+    path: Path,
+    hits: list[np.ndarray],
+    tracks: list[np.ndarray],
+    *,
+    hit_columns: Sequence[str] = HIT_FEATURES,
+    track_columns: Sequence[str] = TRACK_FEATURES,
+    files: int = 1,
+    compression: str | None = "gzip",
+    max_hits: int | None = None,
+) -> Path:
+    """Write events (given in schema column order) with plain h5py, columns permuted to `hit_columns`.
+
+    This is deliberately not `DatasetWriter`: it stands for a dataset made by the reference
+    preparation, so reading it proves compatibility rather than self-consistency.
+    """
+    hit_perm = [HIT_FEATURES.index(c) for c in hit_columns]
+    track_perm = [TRACK_FEATURES.index(c) for c in track_columns]
+    (path / "data").mkdir(parents=True)
+    chunks, file_idx, row_idx = [], [], []
+    for k, part in enumerate(np.array_split(np.arange(len(hits)), files)):
+        width = max_hits or max(len(hits[i]) for i in part)
+        h = np.full((len(part), width, len(hit_columns)), np.nan, np.float32)
+        depth = max(2, *(len(tracks[i]) for i in part))
+        t = np.full((len(part), depth, len(track_columns)), np.nan, np.float32)
+        for row, i in enumerate(part):
+            h[row, : len(hits[i])] = hits[i][:, hit_perm]
+            t[row, : len(tracks[i])] = tracks[i][:, track_perm]
+        name = f"data/chunk_{k}.h5"
+        with h5py.File(path / name, "w") as f:
+            opts = (
+                {"compression": "gzip", "compression_opts": 4}
+                if compression
+                else {"chunks": (1, width, h.shape[2])}
+            )
+            f.create_dataset("hits", data=h, **opts)
+            f.create_dataset("tracks", data=t)
+            f.create_dataset("num_hits", data=np.array([len(hits[i]) for i in part], np.int16))
+            f.create_dataset("num_tracks", data=np.array([len(tracks[i]) for i in part], np.int16))
+            f.create_dataset("event_numbers", data=np.asarray(part, np.int64) + 1000)
+            f.attrs["num_events"] = len(part)
+        chunks.append(
+            {"h5_file": name, "source_root_file": f"src_{k}.root", "event_count": len(part), "worker_id": k}
+        )
+        file_idx += [k] * len(part)
+        row_idx += list(range(len(part)))
+    np.save(path / "event_file_indices.npy", np.array(file_idx, np.int64))
+    np.save(path / "event_row_indices.npy", np.array(row_idx, np.int64))
+    meta = {
+        "hit_features": list(hit_columns),
+        "track_features": list(track_columns),
+        "processing_parameters": {"min_pt": 5.0},
+        "event_mapping": {"chunk_summary": chunks},
+    }
+    (path / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    return path
+
+
+@pytest.fixture
+def reference_dataset(tmp_path: Path) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
+    hits, tracks = random_events(30)
+    return write_reference_dataset(tmp_path / "ref", hits, tracks, files=2), hits, tracks
