@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from muonreg.data.dataset import HitCountBatchSampler, MuonEventDataset, collate, make_loader, split_indices
+from muonreg.data.dataset import EventBatchSampler, MuonEventDataset, collate, make_loader, split_indices
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
@@ -77,7 +77,7 @@ def test_unknown_target_is_rejected(reference_dataset):
 def test_bucketing_covers_every_event_once_and_reduces_padding():
     rng = np.random.default_rng(0)
     num_hits = rng.integers(60, 600, size=1000)
-    sampler = HitCountBatchSampler(num_hits, 32, seed=3, pool_batches=10)
+    sampler = EventBatchSampler(num_hits, 32, seed=3, pool_batches=10)
     batches = list(sampler)
     assert len(batches) == len(sampler)
     assert sorted(i for b in batches for i in b) == list(range(1000))
@@ -91,8 +91,25 @@ def test_bucketing_covers_every_event_once_and_reduces_padding():
     shuffled = np.random.default_rng(1).permutation(1000)
     plain = [shuffled[i : i + 32] for i in range(0, 1000, 32)]
     assert padding(batches) < 0.1 < 0.5 < padding(plain)
-    dropped = HitCountBatchSampler(num_hits, 32, seed=3, pool_batches=10, drop_last=True)
+    dropped = EventBatchSampler(num_hits, 32, seed=3, pool_batches=10, drop_last=True)
     assert len(list(dropped)) == len(dropped) and all(len(b) == 32 for b in dropped)
+
+
+def test_sampler_resumes_mid_epoch_and_shards_ranks():
+    num_hits = np.random.default_rng(0).integers(60, 600, size=500)
+    sampler = EventBatchSampler(num_hits, 16, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=7)
+    assert list(sampler) == full[7:] and len(sampler) == len(full) - 7
+    ranks = [EventBatchSampler(num_hits, 16, seed=1, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    shards = [list(r) for r in ranks]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
+    assert [b for step in zip(*shards, strict=True) for b in step] == full[: 3 * len(shards[0])]
+    plain = EventBatchSampler(num_hits, 16, shuffle=False, bucket=False)
+    assert [i for b in plain for i in b] == list(range(500))
 
 
 def test_loader_with_workers_matches_single_process(reference_dataset):

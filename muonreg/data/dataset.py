@@ -10,7 +10,7 @@ Batch contract (what `collate` returns and the model consumes):
     particle_<field>    float32 [B, P]     targets, 0 (never NaN) in empty slots
     event_index         int64   [B]        dataset index of each event
 
-M is the largest hit count in the batch, so batches of similar events (HitCountBatchSampler)
+M is the largest hit count in the batch, so batches of similar events (EventBatchSampler)
 carry little padding.
 """
 
@@ -125,11 +125,14 @@ def collate(events: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-class HitCountBatchSampler(Sampler[list[int]]):
-    """Batches of events with similar hit counts, in random order: little padding, same events per epoch.
+class EventBatchSampler(Sampler[list[int]]):
+    """Deterministic batches for an epoch: optionally bucketed by hit count, resumable, shardable.
 
-    Indices are shuffled, cut into pools of `pool_batches` batches, each pool sorted by hit count
-    and cut into batches; the batches are then shuffled. `set_epoch` reseeds, like DistributedSampler.
+    Bucketing: indices are shuffled, cut into pools of `pool_batches` batches, each pool sorted by
+    hit count and cut into batches, and the batches shuffled: little padding, the same events
+    every epoch. The order depends only on (seed, epoch), so `set_epoch(epoch, start_batch=k)`
+    resumes a killed epoch at batch k, and rank r of `world_size` takes every world_size-th batch
+    (trimmed so all ranks run the same number of steps).
     """
 
     def __init__(
@@ -138,41 +141,48 @@ class HitCountBatchSampler(Sampler[list[int]]):
         batch_size: int,
         *,
         shuffle: bool = True,
+        bucket: bool = True,
         seed: int = 0,
         pool_batches: int = 50,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.num_hits = np.asarray(num_hits)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.bucket, self.seed = batch_size, shuffle, bucket, seed
         self.pool = batch_size * pool_batches
         self.drop_last = drop_last
-        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batches(self) -> list[np.ndarray]:
+        """All batches of the current epoch for this rank, before skipping `start_batch`."""
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(len(self.num_hits)) if self.shuffle else np.arange(len(self.num_hits))
-        batches = []
-        for start in range(0, len(order), self.pool):
-            pool = order[start : start + self.pool]
-            pool = pool[np.argsort(self.num_hits[pool], kind="stable")]
-            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        size = self.batch_size
+        if self.bucket:
+            batches = []
+            for start in range(0, len(order), self.pool):
+                pool = order[start : start + self.pool]
+                pool = pool[np.argsort(self.num_hits[pool], kind="stable")]
+                batches += [pool[i : i + size] for i in range(0, len(pool), size)]
+        else:
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
-        if self.shuffle:
+        if self.shuffle and self.bucket:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return iter([b.tolist() for b in batches])
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([b.tolist() for b in self.batches()[self.start_batch :]])
 
     def __len__(self) -> int:
-        full_pools, tail = divmod(len(self.num_hits), self.pool)
-        per_pool = (
-            (lambda size: size // self.batch_size)
-            if self.drop_last
-            else (lambda size: -(-size // self.batch_size))
-        )
-        return full_pools * per_pool(self.pool) + per_pool(tail)
+        return len(self.batches()) - self.start_batch
 
 
 def make_loader(
@@ -185,22 +195,28 @@ def make_loader(
     pin_memory: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over `dataset`, bucketed by hit count unless `bucket_by_hits=False`."""
-    common = {
-        "collate_fn": collate,
-        "num_workers": num_workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": num_workers > 0,
-    }
-    if bucket_by_hits:
-        sampler = HitCountBatchSampler(
-            dataset.num_hits(), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-        return DataLoader(dataset, batch_sampler=sampler, **common)
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader over `dataset` driven by an EventBatchSampler (reach it as `loader.batch_sampler`)."""
+    num_hits = dataset.num_hits() if bucket_by_hits else np.zeros(len(dataset), dtype=np.int32)
+    sampler = EventBatchSampler(
+        num_hits,
+        batch_size,
+        shuffle=shuffle,
+        bucket=bucket_by_hits,
+        seed=seed,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+    )
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, **common
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
     )
 
 

@@ -1,0 +1,142 @@
+"""Configuration: the `muonreg.root` resolver, start-up validation and flattening for MLflow.
+
+Hydra already rejects unknown keys and unknown group options with the allowed choices; this
+module checks the *values*, before any data is generated or read, so a bad override fails in
+the first second with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from muonreg.data.features import DERIVED
+from muonreg.data.format import METADATA, is_dataset
+from muonreg.data.schema import HIT_FEATURES
+
+POOLING_OPS = ("mean", "sum", "max", "min")
+THRESHOLD_MODES = ("hard", "soft")
+REGRESSION_TASKS = ("weighted_pooling", "object_regression")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def project_root() -> Path:
+    """The directory holding train.py and conf/ (MUONREG_ROOT overrides it)."""
+    env = os.environ.get("MUONREG_ROOT")
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[1]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("muonreg.root"):
+        OmegaConf.register_new_resolver("muonreg.root", lambda: str(project_root()))
+
+
+register_resolvers()
+
+
+def _dataset_columns(cfg: DictConfig) -> list[str]:
+    """Hit columns of the run's dataset, read from its metadata (the simulator's when simulated)."""
+    if cfg.data.path is None:
+        return list(HIT_FEATURES)
+    path = Path(str(cfg.data.path))
+    if not is_dataset(path):
+        _fail(
+            "data.path",
+            str(path),
+            "is not a dataset in the hepattn ATLAS-muon layout (needs metadata.yaml, "
+            "event_file_indices.npy, event_row_indices.npy and data/*.h5)",
+        )
+    with open(path / METADATA) as f:
+        return list((yaml.safe_load(f) or {}).get("hit_features", []))
+
+
+def feature_names(cfg: DictConfig) -> list[str]:
+    """The model's hit inputs: stored columns, then derived features."""
+    return [*cfg.data.features.columns, *cfg.data.features.derived]
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r} {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value that a typo could break; raise ConfigError naming the key."""
+    t = cfg.assignment_threshold
+    if not isinstance(t, (int, float)) or not 0 < t < 1:
+        _fail("assignment_threshold", t, "must be a number strictly between 0 and 1")
+    if not isinstance(cfg.seed, int):
+        _fail("seed", cfg.seed, "must be an integer")
+    if cfg.threshold.mode not in THRESHOLD_MODES:
+        _fail("threshold.mode", cfg.threshold.mode, f"must be one of {list(THRESHOLD_MODES)}")
+    if cfg.tasks.name not in REGRESSION_TASKS:
+        _fail("tasks.name", cfg.tasks.name, f"must be one of {list(REGRESSION_TASKS)}")
+    ops = list(cfg.pooling.ops)
+    if not ops or any(op not in POOLING_OPS for op in ops) or len(set(ops)) != len(ops):
+        _fail("pooling.ops", ops, f"must be a non-empty subset of {list(POOLING_OPS)} without repeats")
+    targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
+    for field in inverse:
+        if field not in targets:
+            _fail(
+                "inverse_fields.inverse",
+                inverse,
+                f"names {field!r}, which is not a target; targets are {targets}",
+            )
+    names = feature_names(cfg)
+    if len(set(names)) != len(names):
+        _fail("data.features", names, "repeats a feature")
+    columns = _dataset_columns(cfg)
+    for key in ("columns", "derived"):
+        allowed = columns if key == "columns" else list(DERIVED)
+        unknown = [n for n in cfg.data.features[key] if n not in allowed]
+        if unknown:
+            _fail(
+                f"data.features.{key}", list(cfg.data.features[key]), f"names {unknown}; allowed: {allowed}"
+            )
+    hit_fields = cfg.tasks.get("hit_fields")
+    if hit_fields is not None and any(f not in names for f in hit_fields):
+        missing = [f for f in hit_fields if f not in names]
+        _fail("tasks.hit_fields", list(hit_fields), f"names {missing}, not among the input features {names}")
+    m, d = cfg.model, cfg.data
+    if m.num_queries < d.max_particles:
+        _fail("model.num_queries", m.num_queries, f"must be at least data.max_particles={d.max_particles}")
+    if m.dim % m.heads:
+        _fail("model.heads", m.heads, f"must divide model.dim={m.dim}")
+    if not 0 < m.mask_threshold < 1:
+        _fail("model.mask_threshold", m.mask_threshold, "must be strictly between 0 and 1")
+    split = list(d.split)
+    if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9 or split[0] <= 0:
+        _fail("data.split", split, "must be [train, val, test] fractions, train > 0, summing to at most 1")
+    tr = cfg.trainer
+    device = str(tr.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        _fail("trainer.device", device, "must be auto, cpu, cuda or cuda:N")
+    if tr.precision not in PRECISIONS:
+        _fail("trainer.precision", tr.precision, f"must be one of {list(PRECISIONS)}")
+    for key in ("batch_size", "eval_batch_size", "max_epochs", "max_consecutive_nonfinite"):
+        if not isinstance(tr[key], int) or tr[key] < 1:
+            _fail(f"trainer.{key}", tr[key], "must be a positive integer")
+    if not tr.lr > 0:
+        _fail("trainer.lr", tr.lr, "must be positive")
+    if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
+        _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
+    """Resolved config as {'a.b.c': 'value'} for MLflow params (lists as their YAML-ish repr)."""
+    node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    out: dict[str, str] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: tracking and regression metrics, resolution tables, plots."""

@@ -1,0 +1,115 @@
+"""Tracking and regression metrics from matched predictions (DESIGN section 8).
+
+`TrackRecords` collects, batch by batch, one row per truth muon (its truth parameters, the
+matched prediction, the hit efficiency and purity of the matched track) and counts of predicted
+tracks; `summarise` turns those rows into the scalar metrics that are logged every epoch.
+
+Definitions. A truth muon is *reconstructed* when its matched query is predicted valid and
+shares at least half of its hits both ways (hit efficiency >= 0.5 and purity >= 0.5), the usual
+double-matching criterion. Fake rate: predicted tracks that reconstruct no muon / predicted
+tracks. Resolutions use reconstructed muons only; the core width of a residual is half the
+16-84 % interval (the 68 % core), robust to the tails that RMS also reports.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+FIELDS = ("pt", "eta", "phi", "q")
+
+
+def core_width(x: np.ndarray) -> float:
+    """Half-width of the central 68 % interval; NaN for an empty sample."""
+    if len(x) == 0:
+        return float("nan")
+    lo, hi = np.percentile(x, [15.865, 84.135])
+    return float((hi - lo) / 2)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if len(x) else float("nan")
+
+
+def wrap_angle(x: np.ndarray) -> np.ndarray:
+    """Angle difference folded into [-pi, pi)."""
+    return (x + np.pi) % (2 * np.pi) - np.pi
+
+
+class TrackRecords:
+    """Per-muon rows and per-prediction counts accumulated over an evaluation."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.predicted = 0
+        self.predicted_fake = 0
+
+    def update(self, preds: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """`preds` are aligned to truth order (slot j of preds is the query matched to truth slot j)."""
+        truth_valid = batch["particle_valid"]
+        n_slots = truth_valid.shape[1]
+        pred_valid = preds["track_valid"][:, :n_slots]
+        pred_hits = preds["track_hit_valid"][:, :n_slots] & batch["hit_valid"].unsqueeze(1)
+        true_hits = batch["particle_hit_valid"]
+        shared = (pred_hits & true_hits).sum(-1).float()
+        hit_eff = shared / true_hits.sum(-1).clamp(min=1)
+        hit_pur = torch.where(
+            pred_hits.any(-1), shared / pred_hits.sum(-1).clamp(min=1), torch.zeros_like(shared)
+        )
+        reco = pred_valid & truth_valid & (hit_eff >= 0.5) & (hit_pur >= 0.5)
+        # Queries beyond the truth slots, and valid predictions on empty slots or failing the match, are fakes.
+        all_pred_valid = preds["track_valid"]
+        self.predicted += int(all_pred_valid.sum())
+        self.predicted_fake += int(all_pred_valid.sum()) - int(reco.sum())
+        sel = truth_valid
+        columns = {
+            "reco": reco,
+            "pred_valid": pred_valid,
+            "hit_eff": hit_eff,
+            "hit_pur": hit_pur,
+            **{f"true_{f}": batch[f"particle_truthMuon_{f}"] for f in FIELDS},
+            **{f"pred_{f}": preds[f"track_truthMuon_{f}"][:, :n_slots] for f in FIELDS},
+        }
+        for key, value in columns.items():
+            self.rows[key].append(value[sel].detach().float().cpu().numpy())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.rows.items()}
+
+
+def residuals(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Residuals of reconstructed muons: relative pT, q/pT times pT, eta, phi (mrad)."""
+    r = {k: v[rows["reco"].astype(bool)] for k, v in rows.items()}
+    pt_true, pt_pred = r["true_pt"], r["pred_pt"]
+    q_pred = np.where(r["pred_q"] >= 0, 1.0, -1.0)
+    return {
+        "pt_rel": (pt_pred - pt_true) / pt_true,
+        "qpt_rel": (q_pred / pt_pred - r["true_q"] / pt_true) * pt_true,
+        "eta": r["pred_eta"] - r["true_eta"],
+        "phi_mrad": wrap_angle(r["pred_phi"] - r["true_phi"]) * 1e3,
+        "charge_ok": (q_pred == r["true_q"]).astype(np.float64),
+    }
+
+
+def summarise(records: TrackRecords) -> dict[str, float]:
+    rows = records.arrays()
+    n_true = len(rows.get("reco", []))
+    if n_true == 0:
+        return {"track_efficiency": float("nan"), "fake_rate": float("nan")}
+    res = residuals(rows)
+    matched = rows["pred_valid"].astype(bool)
+    return {
+        "track_efficiency": float(rows["reco"].mean()),
+        "fake_rate": records.predicted_fake / records.predicted if records.predicted else 0.0,
+        "hit_efficiency": float(rows["hit_eff"][matched].mean()) if matched.any() else float("nan"),
+        "hit_purity": float(rows["hit_pur"][matched].mean()) if matched.any() else float("nan"),
+        "pt_resolution": core_width(res["pt_rel"]),
+        "pt_resolution_rms": rms(res["pt_rel"]),
+        "pt_bias": float(np.median(res["pt_rel"])) if len(res["pt_rel"]) else float("nan"),
+        "qpt_resolution": core_width(res["qpt_rel"]),
+        "eta_resolution": core_width(res["eta"]),
+        "phi_resolution_mrad": core_width(res["phi_mrad"]),
+        "charge_accuracy": float(res["charge_ok"].mean()) if len(res["charge_ok"]) else float("nan"),
+    }

@@ -1,0 +1,74 @@
+"""Hydra callback that gives a multirun one MLflow parent run, created before any job starts.
+
+Creating the database, the experiment and the parent run in the launching process means parallel
+jobs (joblib, submitit) never race on SQLite schema creation, and every job finds its parent in
+`<sweep dir>/mlflow_parent_run_id`. Hydra skips `on_multirun_end` when a job fails, so the parent
+is also closed at interpreter exit: FINISHED only if the sweep ended normally and every child
+FINISHED, FAILED otherwise; it never stays RUNNING.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from muonreg.tracking.runs import PARENT_FILE, setup_experiment
+
+log = logging.getLogger(__name__)
+
+
+def _sweep_name(config: DictConfig) -> str:
+    overrides = [o for o in config.hydra.overrides.task if not o.startswith(("tracking.", "paths."))]
+    return "sweep: " + (" ".join(overrides) or "(defaults)")
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.completed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from muonreg.config import validate
+        from muonreg.data.cache import dataset_path
+
+        validate(config)
+        dataset_path(config)  # generate the shared default dataset once, before jobs start
+        experiment_id = setup_experiment(config)
+        client = MlflowClient()
+        sweep_dir = Path(config.hydra.sweep.dir)
+        run = client.create_run(
+            experiment_id,
+            run_name=_sweep_name(config),
+            tags={"sweep_dir": str(sweep_dir), "muonreg.role": "sweep"},
+        )
+        self.parent_id = run.info.run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(self.parent_id)
+        os.environ["MUONREG_PARENT_RUN_ID"] = self.parent_id
+        atexit.register(self._close)
+        log.info("MLflow parent run %s (experiment %s)", self.parent_id, config.tracking.experiment)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.completed = True
+        self._close()
+
+    def _close(self) -> None:
+        if self.parent_id is None:
+            return
+        client = MlflowClient()
+        if client.get_run(self.parent_id).info.status != "RUNNING":
+            return
+        children = client.search_runs(
+            [client.get_run(self.parent_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
+        )
+        ok = self.completed and children and all(c.info.status == "FINISHED" for c in children)
+        client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+        log.info("MLflow parent run %s: %s", self.parent_id, "FINISHED" if ok else "FAILED")

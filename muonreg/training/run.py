@@ -1,0 +1,155 @@
+"""`train(cfg)`: one complete run — validate, build, train, test, and record it all in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from muonreg.config import flatten, validate
+from muonreg.tracking.runs import job_run
+from muonreg.training import distributed
+from muonreg.training.checkpoint import config_hash, find_resumable, load_checkpoint
+from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.health import HealthGuard
+from muonreg.training.loop import Trainer
+from muonreg.training.optim import build_optimizer, build_scheduler
+from muonreg.training.setup import build_data, build_loaders, build_model, target_sample
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def output_dir() -> Path:
+    """This job's Hydra output directory (or ./outputs/interactive outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return (
+        Path(HydraConfig.get().runtime.output_dir)
+        if HydraConfig.initialized()
+        else Path("outputs/interactive")
+    )
+
+
+def _resume_path(cfg: DictConfig, cfg_hash: str) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = find_resumable([cfg.paths.outputs, cfg.paths.multirun], cfg_hash)
+        log.info("resume=auto: %s", found or "no unfinished run of this config; starting fresh")
+        return found
+    return Path(str(cfg.resume))
+
+
+def train(cfg: DictConfig) -> float:
+    """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`."""
+    validate(cfg)
+    world = distributed.setup()
+    seed_everything(cfg.seed)
+    device = world.device or resolve_device(str(cfg.trainer.device))
+    data = build_data(cfg, progress=world.is_main)
+    model = build_model(cfg, data.features)
+    targets, valid = target_sample(data.datasets["train"], list(cfg.inverse_fields.targets))
+    model.regression_task.fit_normalization(targets, valid)
+    model.to(device)
+
+    cfg_hash = config_hash(cfg)
+    resume = _resume_path(cfg, cfg_hash)
+    state = load_checkpoint(resume) if resume else None
+    out = output_dir()
+
+    loaders = build_loaders(cfg, data, device, world.rank, world.size)
+    steps = len(loaders["train"].batch_sampler)
+    if cfg.trainer.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.trainer.max_steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.trainer.lr, steps * cfg.trainer.max_epochs)
+    net = world.wrap(model)
+    if cfg.trainer.compile:
+        net = torch.compile(net)
+
+    with (
+        job_run(cfg, resume_run_id=state["mlflow_run_id"] if state else None)
+        if world.is_main
+        else _no_run() as run
+    ):
+        run_id = run.info.run_id if run else None
+
+        def log_metrics(metrics: dict[str, float], step: int) -> None:
+            if run is not None:
+                mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+
+        trainer = Trainer(
+            net,
+            optimizer,
+            scheduler,
+            loaders,
+            device=device,
+            amp_dtype=autocast_dtype(device, cfg.trainer.precision),
+            grad_clip=cfg.trainer.grad_clip,
+            max_epochs=cfg.trainer.max_epochs,
+            max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
+            patience=cfg.trainer.early_stopping_patience,
+            monitor=cfg.optimized_metric,
+            checkpoint_dir=out / "checkpoints",
+            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
+            guard=HealthGuard(cfg.trainer.max_consecutive_nonfinite, out / "nonfinite"),
+            log=log_metrics,
+            log_every_steps=cfg.trainer.log_every_steps,
+            sidecar={"config_hash": cfg_hash, "mlflow_run_id": run_id},
+            is_main=world.is_main,
+        )
+        if state is not None:
+            trainer.load_state_dict(state)
+            log.info(
+                "resumed from %s at epoch %d, batch %d",
+                resume,
+                trainer.state.epoch,
+                trainer.state.step_in_epoch,
+            )
+        elif run is not None:
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+            mlflow.set_tags({"dataset": str(data.path), "config_hash": cfg_hash, "device": str(device)})
+
+        best = trainer.fit()
+
+        best_path = out / "checkpoints" / "best.pt"
+        if best_path.is_file():
+            trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
+        test_metrics, _ = trainer.evaluate("test") if len(data.datasets["test"]) else ({}, None)
+        log_metrics(test_metrics, trainer.state.epoch)
+        log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
+        if run is not None:
+            _log_artifacts(cfg, out, best_path)
+    world.close()
+    return best
+
+
+class _no_run:
+    """Stand-in for the MLflow run on non-main DDP ranks, which log nothing."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path) -> None:
+    hydra_dir = out / ".hydra"
+    if hydra_dir.is_dir():
+        mlflow.log_artifacts(str(hydra_dir), ".hydra")
+    if cfg.tracking.log_checkpoint and best_path.is_file():
+        mlflow.log_artifact(str(best_path), "checkpoints")

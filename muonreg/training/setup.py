@@ -1,0 +1,134 @@
+"""Build a run's pieces from its config: datasets and loaders, the model, target normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from muonreg.config import ConfigError, feature_names
+from muonreg.data.cache import dataset_path
+from muonreg.data.dataset import MuonEventDataset, make_loader, split_indices
+from muonreg.data.features import DEFAULT_SCALES, HitFeatures
+from muonreg.data.format import DatasetReader
+from muonreg.evaluation.metrics import FIELDS
+from muonreg.models import MaskFormer, Matcher
+from muonreg.tasks import (
+    ObjectHitMaskTask,
+    ObjectRegressionTask,
+    ObjectValidTask,
+    WeightedPoolingObjectHitRegressionTask,
+)
+
+# Evaluation always needs the physical parameters, whatever the regression targets are.
+EVAL_TARGETS = [f"truthMuon_{f}" for f in FIELDS]
+
+
+@dataclass
+class RunData:
+    path: Path
+    features: HitFeatures
+    datasets: dict[str, MuonEventDataset]
+
+
+def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
+    path = dataset_path(cfg, progress=progress)
+    targets = list(dict.fromkeys([*cfg.inverse_fields.targets, *EVAL_TARGETS]))
+    reader = DatasetReader(path, required_track_features=[t for t in targets if t != "truthMuon_qpt"])
+    try:
+        features = HitFeatures(
+            feature_names(cfg),
+            reader.hit_features,
+            scales={**DEFAULT_SCALES, **OmegaConf.to_container(cfg.data.scales)},
+            missing_sentinels=list(cfg.data.missing_sentinels),
+        )
+    except ValueError as err:
+        raise ConfigError(f"data.features: {err} (dataset {path})") from err
+    n = len(reader) if cfg.data.max_events is None else min(len(reader), int(cfg.data.max_events))
+    splits = split_indices(n, list(cfg.data.split))
+    datasets = {
+        name: MuonEventDataset(reader, features, targets, cfg.data.max_particles, indices=idx)
+        for name, idx in splits.items()
+    }
+    for name, ds in datasets.items():
+        if name != "test" and len(ds) == 0:
+            raise ConfigError(
+                f"data.split={list(cfg.data.split)} leaves the {name} split of {n} events empty"
+            )
+    return RunData(path, features, datasets)
+
+
+def build_loaders(
+    cfg: DictConfig, data: RunData, device: torch.device, rank: int = 0, world_size: int = 1
+) -> dict[str, torch.utils.data.DataLoader]:
+    tr = cfg.trainer
+    pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
+    common = {"num_workers": tr.num_workers, "pin_memory": pin, "bucket_by_hits": cfg.data.bucket_by_hits}
+    return {
+        "train": make_loader(
+            data.datasets["train"],
+            tr.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            **common,
+        ),
+        **{
+            split: make_loader(data.datasets[split], tr.eval_batch_size, shuffle=False, **common)
+            for split in ("val", "test")
+        },
+    }
+
+
+def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
+    m = cfg.model
+    targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
+    if cfg.tasks.name == "weighted_pooling":
+        hit_fields = cfg.tasks.hit_fields
+        regression = WeightedPoolingObjectHitRegressionTask(
+            m.dim,
+            hit_fields_index=None if hit_fields is None else [features.names.index(f) for f in hit_fields],
+            input_size=features.size,
+            fields=targets,
+            inverse_fields=inverse,
+            assignment_threshold=cfg.assignment_threshold,
+            assignment=cfg.threshold.mode,
+            pooling=list(cfg.pooling.ops),
+            loss_weight=cfg.tasks.loss_weight,
+            detach_assignment=cfg.tasks.detach_assignment,
+        )
+    else:
+        regression = ObjectRegressionTask(
+            m.dim, fields=targets, inverse_fields=inverse, loss_weight=cfg.tasks.loss_weight
+        )
+    return MaskFormer(
+        input_size=features.size,
+        dim=m.dim,
+        encoder_layers=m.encoder_layers,
+        decoder_layers=m.decoder_layers,
+        heads=m.heads,
+        num_queries=m.num_queries,
+        mask_threshold=m.mask_threshold,
+        dropout=m.dropout,
+        valid_task=ObjectValidTask(m.dim, **m.valid),
+        hit_mask_task=ObjectHitMaskTask(m.dim, **m.hit_mask),
+        regression_task=regression,
+        matcher=Matcher(m.matcher),
+    )
+
+
+def target_sample(
+    dataset: MuonEventDataset, fields: list[str], n: int = 2000
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Targets of up to `n` evenly spread training events, for the regression normalisation."""
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
+    items = [dataset[int(i)] for i in picks]
+    valid = torch.from_numpy(np.stack([it["particle_valid"] for it in items]))
+    targets = {
+        f"particle_{f}": torch.from_numpy(np.stack([it[f"particle_{f}"] for it in items])) for f in fields
+    }
+    return targets, valid

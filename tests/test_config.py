@@ -1,0 +1,116 @@
+"""Every config group option composes and validates; every bad value fails at start naming its key."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig
+
+from muonreg.config import ConfigError, feature_names, flatten, project_root, validate
+
+CONF = str(project_root() / "conf")
+GROUPS = {
+    "data/features": ["base", "eta"],
+    "tasks": ["weighted_pooling", "object_regression"],
+    "pooling": ["all", "weighted", "extrema", "mean"],
+    "threshold": ["hard", "soft"],
+    "inverse_fields": ["pt", "none", "qpt"],
+    "trainer": ["cpu", "gpu"],
+    "model": ["reference"],
+    "data": ["simulated"],
+}
+
+
+def _compose(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_group_options_on_disk_are_the_tested_ones():
+    for group, options in GROUPS.items():
+        on_disk = sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+        assert on_disk == sorted(options), group
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = _compose(f"{group}={option}", "debug=smoke")
+    validate(cfg)
+    assert cfg.trainer.max_epochs == 1  # debug=smoke applied on top
+
+
+def test_features_groups_derive_the_input_list():
+    base, eta = feature_names(_compose("data/features=base")), feature_names(_compose())
+    assert len(base) == 22 and eta == [*base, "eta"]
+
+
+def test_top_level_keys_and_combinations():
+    cfg = _compose("assignment_threshold=0.3", "seed=7", "tasks=object_regression", "inverse_fields=qpt")
+    validate(cfg)
+    assert cfg.assignment_threshold == 0.3 and cfg.seed == 7
+    for a, b in itertools.product(GROUPS["pooling"], GROUPS["threshold"]):
+        validate(_compose(f"pooling={a}", f"threshold={b}"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("assignment_threshold=1.5", r"assignment_threshold=1\.5 must be a number strictly between 0 and 1"),
+        ("assignment_threshold=0", r"assignment_threshold=0 must be"),
+        (
+            "inverse_fields.inverse=[truthMuon_ptt]",
+            r"inverse_fields\.inverse=.*'truthMuon_ptt', which is not a target",
+        ),
+        ("inverse_fields=qpt", None),
+        (
+            "data.features.derived=[r,etaa]",
+            r"data\.features\.derived=.*\['etaa'\]; allowed: \['r', 's', 'theta', 'phi', 'eta'\]",
+        ),
+        (
+            "data.features.columns=[spacePoint_time,spacePoint_drift]",
+            r"data\.features\.columns=.*\['spacePoint_drift'\]",
+        ),
+        ("pooling.ops=[mean,median]", r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min'\]"),
+        ("model.num_queries=1", r"model\.num_queries=1 must be at least data\.max_particles=2"),
+        ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
+        ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),
+        ("data.path=/nonexistent/dir", r"data\.path='/nonexistent/dir' is not a dataset"),
+        ("resume=/no/such.pt", r"resume='/no/such\.pt' must be null, auto or the path"),
+    ],
+)
+def test_invalid_values_name_their_key(override, message):
+    cfg = _compose(override)
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_data_path_must_be_a_dataset(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path=.* is not a dataset in the hepattn ATLAS-muon layout"):
+        validate(_compose(f"data.path={tmp_path}"))
+
+
+def test_feature_names_are_checked_against_a_real_dataset(reference_dataset):
+    path, _, _ = reference_dataset
+    validate(_compose(f"data.path={path}"))
+
+
+def test_unknown_group_option_and_key_are_hydra_errors_naming_them():
+    with pytest.raises(
+        MissingConfigException,
+        match=r"Could not find 'threshold/medium'\s+Available options in 'threshold':\s+hard\s+soft",
+    ):
+        _compose("threshold=medium")
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'assignment_treshold'"):
+        _compose("assignment_treshold=0.2")
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(_compose("assignment_threshold=0.2"))
+    assert flat["assignment_threshold"] == "0.2"
+    assert flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min']"
+    assert flat["paths.root"] == str(project_root())
