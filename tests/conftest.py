@@ -100,3 +100,63 @@ def write_reference_dataset(
 def reference_dataset(tmp_path: Path) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
     hits, tracks = random_events(30)
     return write_reference_dataset(tmp_path / "ref", hits, tracks, files=2), hits, tracks
+
+
+FIELDS = ["truthMuon_eta", "truthMuon_phi", "truthMuon_pt", "truthMuon_q"]
+
+
+def make_model(task: str = "weighted_pooling", input_size: int = 6, dim: int = 16, **task_kwargs):
+    """A small MaskFormer with the given regression task (tests only)."""
+    from muonreg.models import MaskFormer
+    from muonreg.tasks import (
+        ObjectHitMaskTask,
+        ObjectRegressionTask,
+        ObjectValidTask,
+        WeightedPoolingObjectHitRegressionTask,
+    )
+
+    fields = task_kwargs.pop("fields", FIELDS)
+    inverse = task_kwargs.pop("inverse_fields", ["truthMuon_pt"])
+    if task == "weighted_pooling":
+        regression = WeightedPoolingObjectHitRegressionTask(dim, input_size, fields, inverse, **task_kwargs)
+    else:
+        regression = ObjectRegressionTask(dim, fields, inverse, **task_kwargs)
+    return MaskFormer(
+        input_size,
+        dim=dim,
+        heads=4,
+        valid_task=ObjectValidTask(dim),
+        hit_mask_task=ObjectHitMaskTask(dim),
+        regression_task=regression,
+    )
+
+
+def synthetic_batch(b: int = 4, m: int = 20, f: int = 6, seed: int = 0, fields=FIELDS):
+    """A batch in the data contract: hits, per-feature validity, 0-2 muons per event, targets."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_muons = torch.randint(0, 3, (b,), generator=g)
+    n_hits = torch.randint(m // 2, m + 1, (b,), generator=g)
+    hit_valid = torch.arange(m) < n_hits[:, None]
+    link = torch.randint(-1, 2, (b, m), generator=g)
+    link = torch.where(link < n_muons[:, None], link, -1)
+    particle_valid = torch.arange(2) < n_muons[:, None]
+    hit_x_valid = hit_valid.unsqueeze(-1) & (torch.rand(b, m, f, generator=g) > 0.1)
+    batch = {
+        "hit_x": torch.randn(b, m, f, generator=g) * hit_x_valid,
+        "hit_x_valid": hit_x_valid,
+        "hit_valid": hit_valid,
+        "particle_valid": particle_valid,
+        "particle_hit_valid": (link.unsqueeze(1) == torch.arange(2)[None, :, None]) & hit_valid.unsqueeze(1),
+    }
+    values = {
+        "truthMuon_eta": torch.rand(b, 2, generator=g) * 5.4 - 2.7,
+        "truthMuon_phi": torch.rand(b, 2, generator=g) * 6.28 - 3.14,
+        "truthMuon_pt": 5 + torch.rand(b, 2, generator=g) * 195,
+        "truthMuon_q": torch.where(torch.rand(b, 2, generator=g) > 0.5, 1.0, -1.0),
+    }
+    values["truthMuon_qpt"] = values["truthMuon_q"] / values["truthMuon_pt"]
+    for name in fields:
+        batch[f"particle_{name}"] = torch.where(particle_valid, values[name], 0.0)
+    return batch

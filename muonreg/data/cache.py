@@ -12,19 +12,24 @@ import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 import muonreg
 from muonreg.config import ConfigError
 from muonreg.data.format import is_dataset
-from muonreg.data.simulate import SimulationConfig, write_simulated_dataset
+
+if TYPE_CHECKING:
+    from muonreg.data.simulate import SimulationConfig
 
 _RUN_KEYS = ("events", "seed", "files")
 
 
 def simulation_settings(simulation: DictConfig | dict) -> tuple[dict, SimulationConfig]:
     """(events/seed/files, SimulationConfig) from the `data.simulation` config node."""
+    from muonreg.data.simulate import SimulationConfig  # runs on real data never load the simulator
+
     raw = (
         OmegaConf.to_container(simulation, resolve=True)
         if isinstance(simulation, DictConfig)
@@ -62,6 +67,8 @@ def ensure_simulated(cache_dir: str | Path, simulation: DictConfig | dict, progr
     path = Path(cache_dir) / f"simulated-{cache_key(run, config)}"
     if is_dataset(path):
         return path
+    from muonreg.data.simulate import write_simulated_dataset
+
     with _locked(path.with_suffix(".lock")):
         if not is_dataset(path):  # another process may have written it while we waited
             print(f"Simulating {run['events']} events into {path} (once; reused by later runs)")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
 from muonreg.data.schema import TRUTH_LINK
+from muonreg.numerics import safe_inverse
 
 QPT = "truthMuon_qpt"  # derived target q/pT (GeV^-1): the signed curvature
 
@@ -65,7 +66,7 @@ class MuonEventDataset(Dataset):
         col = self.reader.track_index
         if name == QPT:
             pt = tracks[:, col["truthMuon_pt"]]
-            return tracks[:, col["truthMuon_q"]] / np.maximum(pt, 1e-6)
+            return tracks[:, col["truthMuon_q"]] * safe_inverse(pt)
         return tracks[:, col[name]]
 
     def __getitem__(self, item: int) -> dict[str, np.ndarray]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from muonreg.numerics import safe_eta
+
 # Input scaling of the reference loader: positions mm → m, time ns → 1e-5, covariance mm² → m²,
 # channel / 1000, stationIndex / 10; every other column is used as stored.
 DEFAULT_SCALES: dict[str, float] = {
@@ -111,8 +113,3 @@ def derived_features(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> dict[str, n
         "phi": np.arctan2(y, x),
         "eta": safe_eta(z, r),
     }
-
-
-def safe_eta(z: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Pseudorapidity -ln tan(theta/2) written as asinh(z/r), r floored: finite at theta 0 and pi."""
-    return np.arcsinh(z / np.maximum(r, 1e-6)).astype(np.float32)

@@ -101,17 +101,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        values = {k: float(v) for k, v in losses.items()}  # the step's one host sync
-        if not (math.isfinite(values["loss"]) and math.isfinite(float(grad_norm))):
+        names = list(losses)
+        numbers = torch.stack(
+            [losses[k].detach() for k in names] + [grad_norm.detach()]
+        ).tolist()  # one host sync
+        values, grad_norm = dict(zip(names, numbers[:-1], strict=True)), numbers[-1]
+        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
             self.guard.bad(self.state.global_step, batch, self.core, lambda: self.model(batch))
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.guard.ok()
         self.optimizer.step()
-        if self.scheduler.last_epoch < self.scheduler.total_steps:
-            self.scheduler.step()
+        self.scheduler.step()
         self.state.global_step += 1
-        return {**values, "grad_norm": float(grad_norm)}
+        return {**values, "grad_norm": grad_norm}
 
     # -- epochs -------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -170,7 +173,7 @@ class Trainer:
                 sums[k] += float(v) * size
             n += size
             aligned = self.core.align(outputs, self.core.match(outputs, batch))
-            records.update(self.core.predict(aligned), batch)
+            records.update(self.core.predict(aligned, batch["hit_valid"]), batch)
         metrics = {f"{split}/{k}": v / max(n, 1) for k, v in sums.items()}
         metrics.update({f"{split}/{k}": v for k, v in summarise(records).items()})
         return metrics, records

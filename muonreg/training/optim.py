@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,9 +17,22 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
-) -> torch.optim.lr_scheduler.OneCycleLR:
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.1
-    )
+def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 1 / 25, end: float = 1e-4):
+    """LR factor per step: linear warm-up from `start` to 1, then cosine down to `end`.
+
+    Written out (rather than torch's OneCycleLR) so that runs of a handful of steps work and
+    stepping past `total_steps` (e.g. after a resumed, skipped-step epoch) simply stays at `end`.
+    """
+    warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return start + (1 - start) * step / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total_steps))

@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.trainer.max_steps_per_epoch is not None:
         steps = min(steps, cfg.trainer.max_steps_per_epoch)
     optimizer = build_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.trainer.lr, steps * cfg.trainer.max_epochs)
+    scheduler = build_scheduler(optimizer, steps * cfg.trainer.max_epochs)
     net = world.wrap(model)
     if cfg.trainer.compile:
         net = torch.compile(net)

@@ -1,0 +1,56 @@
+"""Building blocks: an MLP and multi-head attention on torch's fused scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(in_size: int, hidden: int, out_size: int, layers: int = 2, dropout: float = 0.0) -> nn.Sequential:
+    """Linear-GELU stack with `layers` linear maps (the last one without activation)."""
+    sizes = [in_size] + [hidden] * (layers - 1) + [out_size]
+    modules: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        modules.append(nn.Linear(a, b))
+        if i < layers - 1:
+            modules += [nn.GELU(), nn.Dropout(dropout)] if dropout else [nn.GELU()]
+    return nn.Sequential(*modules)
+
+
+def attendable(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Make every query row of a boolean mask [b, q, k] attend somewhere.
+
+    A row with no allowed key would give softmax over nothing (NaN); it attends to every valid
+    key instead, and to every key when the event has no valid key at all (padding only).
+    """
+    keys = key_valid.unsqueeze(1)  # [b, 1, k]
+    keys = keys | ~keys.any(-1, keepdim=True)
+    return torch.where(mask.any(-1, keepdim=True), mask, keys)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `mask` [b, q, k] (or broadcastable [b, 1, k]) is True where allowed."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask.unsqueeze(1)  # broadcast over heads
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, n, d))

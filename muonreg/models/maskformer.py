@@ -1,0 +1,132 @@
+"""The MaskFormer muon tracker: hit input net, encoder, mask-attention decoder, and its tasks.
+
+Task outputs flow forward explicitly: the regression task receives the hit-mask task's logits
+as an argument. Outputs whose key starts with `track_` or `query_` have the query axis at dim 1;
+`align` permutes exactly those into truth order after matching.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muonreg.models.decoder import Decoder
+from muonreg.models.encoder import Encoder
+from muonreg.models.layers import mlp
+from muonreg.models.matching import Matcher
+
+if TYPE_CHECKING:  # the tasks build on models.layers; import them for annotations only
+    from muonreg.tasks import ObjectHitMaskTask, ObjectValidTask
+    from muonreg.tasks.regression import RegressionTask
+
+QUERY_AXIS_PREFIXES = ("track_", "query_")
+
+
+class MaskFormer(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        *,
+        dim: int = 32,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        heads: int = 8,
+        num_queries: int = 2,
+        mask_threshold: float = 0.1,
+        dropout: float = 0.0,
+        valid_task: ObjectValidTask,
+        hit_mask_task: ObjectHitMaskTask,
+        regression_task: RegressionTask,
+        matcher: Matcher | None = None,
+    ):
+        super().__init__()
+        # The input net sees every feature value and its validity flag: 2 * input_size inputs.
+        self.input_net = mlp(2 * input_size, dim, dim)
+        self.encoder = Encoder(dim, encoder_layers, heads, dropout)
+        self.decoder = Decoder(dim, decoder_layers, heads, num_queries, dropout)
+        self.valid_task, self.hit_mask_task, self.regression_task = valid_task, hit_mask_task, regression_task
+        self.num_queries, self.mask_threshold = num_queries, mask_threshold
+        self.matcher = matcher or Matcher()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hit_x, hit_x_valid, hit_valid = batch["hit_x"], batch["hit_x_valid"], batch["hit_valid"]
+        x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
+        hits = self.encoder(x, hit_valid)
+        query = self.decoder(
+            hits, hit_valid, lambda q: self.hit_mask_task.claimed(q, hits, self.mask_threshold)
+        )
+        outputs = {"query_embed": query, "hit_embed": hits}
+        outputs.update(self.valid_task(query))
+        outputs.update(self.hit_mask_task(query, hits))
+        outputs.update(
+            self.regression_task(
+                query=query,
+                hits=hits,
+                hit_x=hit_x,
+                hit_x_valid=hit_x_valid,
+                hit_valid=hit_valid,
+                hit_logit=outputs["track_hit_logit"],
+            )
+        )
+        return outputs
+
+    def truth(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Truth slots padded to num_queries (extra slots are empty)."""
+        slots = batch["particle_valid"].shape[1]
+        if slots > self.num_queries:
+            raise ValueError(
+                f"{slots} truth slots but only num_queries={self.num_queries}; raise model.num_queries"
+            )
+        pad = self.num_queries - slots
+        return {
+            k: F.pad(v, (0, 0, 0, pad) if v.ndim == 3 else (0, pad))
+            for k, v in batch.items()
+            if k.startswith("particle_")
+        }
+
+    @torch.no_grad()
+    def match(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """perm [b, num_queries]: the query assigned to each (padded) truth slot."""
+        truth = self.truth(batch)
+        cost = self.valid_task.cost_weight * self.valid_task.cost(outputs, truth)
+        cost = cost + self.hit_mask_task.cost_weight * self.hit_mask_task.cost(
+            outputs, truth, batch["hit_valid"]
+        )
+        return self.matcher(cost.float())
+
+    @staticmethod
+    def align(outputs: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Permute per-query outputs so that query slot j is the one matched to truth slot j."""
+        aligned = {}
+        for key, value in outputs.items():
+            if key.startswith(QUERY_AXIS_PREFIXES):
+                index = perm.view(*perm.shape, *([1] * (value.ndim - 2))).expand(-1, -1, *value.shape[2:])
+                value = value.gather(1, index)
+            aligned[key] = value
+        return aligned
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Match, align, then each task's loss; `loss` is their weighted sum."""
+        truth = self.truth(batch)
+        aligned = self.align(outputs, self.match(outputs, batch))
+        parts = [
+            (self.valid_task.loss_weight, self.valid_task.loss(aligned, truth)),
+            (self.hit_mask_task.loss_weight, self.hit_mask_task.loss(aligned, truth, batch["hit_valid"])),
+            (self.regression_task.loss_weight, self.regression_task.loss(aligned, truth)),
+        ]
+        losses = {name: value for _, part in parts for name, value in part.items()}
+        losses["loss"] = sum(weight * value for weight, part in parts for value in part.values())
+        return losses
+
+    def predict(self, outputs: dict[str, torch.Tensor], hit_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Track validity, hit assignment and parameters in physical units."""
+        return {
+            **self.valid_task.predict(outputs),
+            **self.hit_mask_task.predict(outputs, hit_valid),
+            **self.regression_task.predict(outputs),
+        }

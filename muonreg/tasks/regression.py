@@ -1,0 +1,117 @@
+"""Track-parameter regression: target spaces (inverse fields, normalisation) and the query-only baseline.
+
+The network works in an internal space: fields listed in `inverse_fields` are regressed as 1/x
+(curvature-like 1/pT by default), then every field is standardised with a mean and standard
+deviation fitted on training targets. The loss lives in that space; `predict` returns the
+original physical space (GeV for pT), so the choice is invisible to the user and the metrics.
+With the signed-curvature target `truthMuon_qpt`, `predict` also returns pT = 1/|q/pT| and the
+charge as the sign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muonreg.models.layers import mlp
+from muonreg.numerics import masked_mean, safe_inverse
+
+QPT = "truthMuon_qpt"
+
+
+class TargetSpace(nn.Module):
+    """Maps physical targets to the network's standardised (and partly inverted) space and back."""
+
+    def __init__(self, fields: Sequence[str], inverse_fields: Sequence[str] = ()):
+        super().__init__()
+        self.fields = list(fields)
+        unknown = [f for f in inverse_fields if f not in self.fields]
+        if unknown:
+            raise ValueError(
+                f"inverse field(s) {unknown} are not regression targets; targets are {self.fields}"
+            )
+        self.inverse = torch.tensor([f in inverse_fields for f in self.fields])
+        self.register_buffer("mean", torch.zeros(len(self.fields)))
+        self.register_buffer("std", torch.ones(len(self.fields)))
+
+    def _invert(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.inverse.to(x.device), safe_inverse(x), x)
+
+    def physical(self, truth: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stack `particle_<field>` targets into [..., fields] (unnormalised, un-inverted)."""
+        return torch.stack([truth[f"particle_{f}"] for f in self.fields], dim=-1)
+
+    def encode(self, truth: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self._invert(self.physical(truth)) - self.mean) / self.std
+
+    def decode(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        values = self._invert(raw * self.std + self.mean)
+        out = {f"track_{f}": values[..., i] for i, f in enumerate(self.fields)}
+        if "truthMuon_q" in self.fields:
+            out["track_truthMuon_q"] = torch.where(out["track_truthMuon_q"] < 0, -1.0, 1.0)
+        if QPT in self.fields:
+            qpt = out[f"track_{QPT}"]
+            out["track_truthMuon_pt"] = safe_inverse(qpt.abs())
+            out["track_truthMuon_q"] = torch.where(qpt < 0, -1.0, 1.0)
+        return out
+
+    @torch.no_grad()
+    def fit(self, truth: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
+        """Set the standardisation from training targets of valid slots."""
+        x = self._invert(self.physical(truth).float())[valid]
+        if len(x) == 0:
+            return
+        std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones_like(self.std)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+
+class RegressionTask(nn.Module):
+    """Shared loss/predict of the regression tasks; subclasses produce `track_regression` [b, n, fields]."""
+
+    def __init__(self, fields: Sequence[str], inverse_fields: Sequence[str] = (), loss_weight: float = 1.0):
+        super().__init__()
+        self.space = TargetSpace(fields, inverse_fields)
+        self.loss_weight = loss_weight
+
+    @property
+    def fields(self) -> list[str]:
+        return self.space.fields
+
+    def fit_normalization(self, truth: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
+        self.space.fit(truth, valid)
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Smooth L1 in the internal space over valid truth slots; 0 (not NaN) when there are none."""
+        target = self.space.encode(truth)
+        valid = truth["particle_valid"]
+        # invalid slots carry 0 targets; keep them out of the graph entirely
+        target = torch.where(valid.unsqueeze(-1), target, torch.zeros_like(target))
+        error = F.smooth_l1_loss(outputs["track_regression"], target, reduction="none")
+        return {"track_regression": masked_mean(error, valid.unsqueeze(-1).expand_as(error))}
+
+    def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.space.decode(outputs["track_regression"])
+
+
+class ObjectRegressionTask(RegressionTask):
+    """Baseline: track parameters from the query embedding alone."""
+
+    def __init__(
+        self,
+        dim: int,
+        fields: Sequence[str],
+        inverse_fields: Sequence[str] = (),
+        loss_weight: float = 1.0,
+        hidden: int | None = None,
+    ):
+        super().__init__(fields, inverse_fields, loss_weight)
+        self.net = mlp(dim, hidden or 2 * dim, len(self.fields), layers=3)
+
+    def forward(self, query: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"track_regression": self.net(query)}

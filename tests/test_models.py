@@ -1,0 +1,108 @@
+"""The MaskFormer: degenerate events, mask attention fallbacks, padding invariance, matching and alignment."""
+
+import torch
+
+from muonreg.models.decoder import Decoder
+from muonreg.models.layers import attendable
+
+from conftest import make_model, synthetic_batch
+
+
+def _finite(outputs):
+    return all(torch.isfinite(v).all() for v in outputs.values() if v.is_floating_point())
+
+
+def test_event_with_zero_hits_and_a_batch_without_hits():
+    torch.manual_seed(0)
+    model = make_model()
+    batch = synthetic_batch()
+    batch["hit_valid"][2] = False
+    batch["hit_x"][2] = 0
+    batch["hit_x_valid"][2] = False
+    batch["particle_hit_valid"][2] = False
+    out = model(batch)
+    assert _finite(out)
+    losses = model.loss(out, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    empty = synthetic_batch(m=0)
+    out = model(empty)
+    assert out["track_hit_logit"].shape == (4, 2, 0) and _finite(out)
+    assert all(torch.isfinite(v) for v in model.loss(out, empty).values())
+
+
+def test_attendable_falls_back_to_valid_keys_then_all_keys():
+    mask = torch.tensor(
+        [[[True, False, False], [False, False, False]], [[False, False, False], [False, False, False]]]
+    )
+    key_valid = torch.tensor([[True, True, False], [False, False, False]])
+    out = attendable(mask, key_valid)
+    assert out.tolist() == [
+        [[True, False, False], [True, True, False]],
+        [[True, True, True], [True, True, True]],
+    ]
+
+
+def test_query_with_no_claimed_hit_attends_to_all_valid_hits():
+    torch.manual_seed(0)
+    decoder = Decoder(dim=16, layers=2, heads=4, num_queries=2)
+    hits = torch.randn(3, 10, 16)
+    hit_valid = torch.arange(10) < torch.tensor([[10], [6], [3]])
+    nothing = decoder(hits, hit_valid, lambda q: torch.zeros(3, 2, 10, dtype=torch.bool))
+    everything = decoder(hits, hit_valid, lambda q: torch.ones(3, 2, 10, dtype=torch.bool))
+    assert torch.isfinite(nothing).all()
+    torch.testing.assert_close(nothing, everything)
+
+
+def test_padding_does_not_change_a_real_event():
+    torch.manual_seed(0)
+    model = make_model().eval()
+    batch = synthetic_batch(b=3, m=25, seed=2)
+    n = int(batch["hit_valid"][0].sum())
+    alone = {k: v[:1, :n] if k.startswith("hit_") else v[:1] for k, v in batch.items()}
+    alone["particle_hit_valid"] = batch["particle_hit_valid"][:1, :, :n]
+    with torch.no_grad():
+        out_batch, out_alone = model(batch), model(alone)
+    torch.testing.assert_close(
+        out_batch["track_hit_logit"][:1, :, :n], out_alone["track_hit_logit"], atol=1e-5, rtol=1e-4
+    )
+    for key in ("track_valid_logit", "track_regression", "query_embed"):
+        torch.testing.assert_close(out_batch[key][:1], out_alone[key], atol=1e-5, rtol=1e-4)
+    cost_batch = model.match(out_batch, batch)[:1]
+    assert torch.equal(cost_batch, model.match(out_alone, alone))
+
+
+def test_hits_with_every_feature_missing_still_count():
+    torch.manual_seed(0)
+    model = make_model().eval()
+    batch = synthetic_batch(seed=3)
+    batch["hit_x"][:, :3] = 0
+    batch["hit_x_valid"][:, :3] = False  # real hits with no usable feature at all
+    with torch.no_grad():
+        out = model(batch)
+        fewer = dict(batch, hit_valid=batch["hit_valid"].clone())
+        fewer["hit_valid"][:, :3] = False
+        out_fewer = model(fewer)
+    assert _finite(out)
+    # they take part in attention: removing them changes the other hits' embeddings
+    assert not torch.allclose(out["hit_embed"][:, 3:], out_fewer["hit_embed"][:, 3:])
+    predicted = model.predict(out, batch["hit_valid"])["track_hit_valid"]
+    assert not (predicted & ~batch["hit_valid"].unsqueeze(1)).any()  # never on padding
+
+
+def test_match_and_align_put_the_best_query_on_each_truth_slot():
+    torch.manual_seed(0)
+    model = make_model()
+    batch = synthetic_batch(b=2, seed=4)
+    batch["particle_valid"][:] = torch.tensor([[True, False], [True, True]])
+    with torch.no_grad():
+        out = model(batch)
+    # make query 1 a perfect copy of truth slot 0's hits in event 0
+    target = batch["particle_hit_valid"][0, 0].float() * 40 - 20
+    out["track_hit_logit"][0, 1] = target
+    out["track_valid_logit"][0] = torch.tensor([-20.0, 20.0])
+    perm = model.match(out, batch)
+    assert perm[0].tolist() == [1, 0]
+    aligned = model.align(out, perm)
+    assert torch.equal(aligned["track_hit_logit"][0, 0], target)
+    assert torch.equal(aligned["hit_embed"], out["hit_embed"])  # per-hit outputs are not permuted
+    assert torch.equal(aligned["query_embed"][0], out["query_embed"][0, [1, 0]])

@@ -1,0 +1,86 @@
+"""The safe operations: exact values on tiny cases, and finiteness (values and gradients) at the edges."""
+
+import numpy as np
+import torch
+
+from muonreg import numerics as nx
+
+
+def test_masked_mean_of_nothing_is_zero_with_a_live_graph():
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    empty = nx.masked_mean(x, torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert torch.equal(x.grad, torch.zeros(3))
+    assert nx.masked_mean(x, torch.tensor([True, False, True])).item() == 2.0
+    rows = nx.masked_mean(
+        torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[True, True], [False, False]]), dim=1
+    )
+    assert rows.tolist() == [2.0, 0.0]
+
+
+def test_weighted_pooling_values_by_hand():
+    values = torch.tensor([[[1.0, 10.0], [3.0, 30.0], [5.0, -50.0]]])  # [b=1, m=3, d=2]
+    weights = torch.tensor([[[0.5, 0.0, 0.25], [0.0, 0.0, 0.0]]])  # two tracks, the second owns nothing
+    selected = weights > 0
+    np.testing.assert_allclose(nx.weighted_sum(weights, values)[0, 0], [0.5 + 1.25, 5.0 - 12.5])
+    np.testing.assert_allclose(nx.weighted_mean(weights, values)[0, 0], [1.75 / 0.75, -7.5 / 0.75], rtol=1e-6)
+    assert nx.masked_max(values, selected)[0, 0].tolist() == [5.0, 10.0]
+    assert nx.masked_min(values, selected)[0, 0].tolist() == [1.0, -50.0]
+    for op in (nx.weighted_sum, nx.weighted_mean):
+        assert op(weights, values)[0, 1].tolist() == [0.0, 0.0]
+    assert nx.masked_max(values, selected)[0, 1].tolist() == [0.0, 0.0]  # never -inf
+    assert nx.masked_min(values, selected)[0, 1].tolist() == [0.0, 0.0]  # never +inf
+
+
+def test_extrema_gradients_are_finite_when_nothing_is_selected():
+    values = torch.randn(2, 5, 3, requires_grad=True)
+    selected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    selected[0, 0, 2] = True
+    (nx.masked_max(values, selected).sum() + nx.masked_min(values, selected).sum()).backward()
+    assert torch.isfinite(values.grad).all()
+    assert values.grad[0, 2].tolist() == [2.0, 2.0, 2.0] and values.grad.abs().sum() == 6.0
+
+
+def test_safe_inverse_and_log_never_give_inf():
+    x = torch.tensor([0.0, -1.0, 1e-9, 4.0, 1e9])
+    inv = nx.safe_inverse(x)
+    assert torch.isfinite(inv).all() and inv[0] == 1e6 and inv[3] == 0.25 and inv[4] > 0
+    assert np.isfinite(nx.safe_inverse(np.array([0.0, 2.0]))).all()
+    p = torch.tensor([0.0, 1.0, 0.5], requires_grad=True)
+    logp = nx.safe_log(p)
+    assert torch.isfinite(logp).all()
+    logp.sum().backward()
+    assert torch.isfinite(p.grad).all()
+
+
+def test_bce_is_finite_at_extreme_logits_and_exact_targets():
+    logits = torch.tensor([1e4, -1e4, 0.0, 30.0], requires_grad=True)
+    targets = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    loss = nx.bce_with_logits(logits, targets)
+    np.testing.assert_allclose(loss.detach(), [1e4, 1e4, np.log(2), 0.0], atol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_pairwise_bce_matches_elementwise_mean_and_ignores_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6)
+    targets = torch.rand(2, 2, 6) > 0.5
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    logits[1, :, 4:] = 1e30  # garbage on padded hits must not matter
+    cost = nx.pairwise_bce(logits, targets, valid)
+    for b in range(2):
+        for n in range(3):
+            for p in range(2):
+                v = valid[b]
+                ref = nx.bce_with_logits(logits[b, n, v], targets[b, p, v]).mean()
+                torch.testing.assert_close(cost[b, n, p], ref)
+    no_hits = nx.pairwise_bce(logits, targets, torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.equal(no_hits, torch.zeros(2, 3, 2))
+
+
+def test_finite_cost_and_eta():
+    assert nx.all_finite(nx.finite_cost(torch.tensor([np.nan, np.inf, -np.inf, 1.0])))
+    eta = nx.safe_eta(np.array([5.0, -5.0, 0.0]), np.array([0.0, 0.0, 0.0]))
+    assert np.isfinite(eta).all() and eta[0] > 0 > eta[1]

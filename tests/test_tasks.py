@@ -1,0 +1,201 @@
+"""The regression tasks: the nine cases of seeds/regression-task-bugfixes.md and the pooling spec."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from muonreg.tasks import ObjectRegressionTask, WeightedPoolingObjectHitRegressionTask
+from muonreg.tasks.regression import TargetSpace
+
+from conftest import FIELDS, make_model, synthetic_batch
+
+
+def _fit(model, batch):
+    model.regression_task.fit_normalization(batch, batch["particle_valid"])
+
+
+@pytest.fixture(params=["weighted_pooling", "object_regression"])
+def task_name(request):
+    return request.param
+
+
+# 1. forward on random inputs
+def test_forward_on_random_inputs(task_name):
+    torch.manual_seed(0)
+    model, batch = make_model(task_name), synthetic_batch()
+    out = model(batch)
+    assert out["track_regression"].shape == (4, 2, 4)
+    assert out["track_hit_logit"].shape == (4, 2, 20) and out["track_valid_logit"].shape == (4, 2)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+# 2. loss with valid targets, 3. gradients finite and non-zero
+def test_loss_and_gradients_finite_and_nonzero(task_name):
+    torch.manual_seed(1)
+    batch = synthetic_batch(seed=1)
+    batch["particle_valid"][0] = True  # at least one muon
+    model = make_model(task_name)
+    _fit(model, batch)
+    losses = model.loss(model(batch), batch)
+    assert set(losses) == {"track_valid_bce", "track_hit_bce", "track_regression", "loss"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    losses["loss"].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+# 4. all tracks invalid
+def test_all_tracks_invalid_gives_zero_regression_loss_not_nan(task_name):
+    batch = synthetic_batch()
+    batch["particle_valid"][:] = False
+    batch["particle_hit_valid"][:] = False
+    model = make_model(task_name)
+    losses = model.loss(model(batch), batch)
+    assert losses["track_regression"].item() == 0.0 and losses["track_hit_bce"].item() == 0.0
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# 5. prediction with inverse fields is in GeV
+def test_prediction_with_inverse_fields_is_in_original_space():
+    batch = synthetic_batch(b=64, seed=3)
+    space = TargetSpace(FIELDS, ["truthMuon_pt"])
+    space.fit(batch, batch["particle_valid"])
+    internal = space.encode(batch)
+    # the network's space is 1/pT standardised, not GeV
+    inv_pt = 1 / batch["particle_truthMuon_pt"][batch["particle_valid"]]
+    torch.testing.assert_close(
+        internal[..., 2][batch["particle_valid"]] * space.std[2] + space.mean[2], inv_pt, rtol=1e-5, atol=1e-7
+    )
+    decoded = space.decode(internal)  # round trip back to GeV
+    valid = batch["particle_valid"]
+    for field in FIELDS:
+        torch.testing.assert_close(
+            decoded[f"track_{field}"][valid], batch[f"particle_{field}"][valid], rtol=1e-4, atol=1e-4
+        )
+    model = make_model()
+    _fit(model, batch)
+    pt = model.predict(model(batch), batch["hit_valid"])["track_truthMuon_pt"]
+    assert torch.isfinite(pt).all() and (pt > 0).all() and pt.median() > 1  # GeV-scale, not GeV^-1
+
+
+# 6. no hits assigned
+def test_no_hits_assigned_gives_zero_extrema_and_finite_output():
+    task = WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, assignment_threshold=0.5)
+    batch = synthetic_batch()
+    logits = torch.full((4, 2, 20), -30.0)
+    weights, selected = task.assignment_weights(logits, batch["hit_valid"])
+    assert not selected.any()
+    features = torch.randn(4, 20, 8)
+    mean, total, high, low = task.pool(features, weights, selected)
+    for pooled in (mean, total, high, low):
+        assert torch.equal(pooled, torch.zeros(4, 2, 8))
+    out = task(
+        torch.randn(4, 2, 16),
+        torch.randn(4, 20, 16),
+        batch["hit_x"],
+        batch["hit_x_valid"],
+        batch["hit_valid"],
+        logits,
+    )
+    assert torch.isfinite(out["track_regression"]).all()
+
+
+# 7. very low pT targets
+def test_very_low_pt_targets_give_finite_loss():
+    batch = synthetic_batch(seed=4)
+    batch["particle_valid"][:, 0] = True
+    batch["particle_truthMuon_pt"][:, 0] = torch.tensor([0.0, 1e-8, 1e-3, 5.0])
+    model = make_model()
+    _fit(model, batch)
+    losses = model.loss(model(batch), batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# 8. mixed valid/invalid across the batch
+def test_mixed_valid_slots_average_over_valid_only():
+    task = ObjectRegressionTask(8, FIELDS, ["truthMuon_pt"])
+    batch = synthetic_batch(seed=5)
+    batch["particle_valid"] = torch.tensor([[True, False], [False, False], [True, True], [False, True]])
+    prediction = torch.randn(4, 2, 4)
+    loss = task.loss({"track_regression": prediction}, batch)["track_regression"]
+    target = task.space.encode(batch)
+    valid = batch["particle_valid"]
+    expected = torch.nn.functional.smooth_l1_loss(prediction[valid], target[valid])
+    torch.testing.assert_close(loss, expected)
+    batch["particle_truthMuon_pt"][~valid] = float("nan")  # whatever sits in empty slots is ignored
+    assert torch.isfinite(task.loss({"track_regression": prediction}, batch)["track_regression"])
+
+
+# 9. a short training loop whose loss decreases
+def test_short_training_loop_decreases_loss(task_name):
+    torch.manual_seed(0)
+    batch = synthetic_batch(b=16, seed=6)
+    model = make_model(task_name)
+    _fit(model, batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(60):
+        loss = model.loss(model(batch), batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert all(math.isfinite(v) for v in history)
+    assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5])
+
+
+def test_pooling_by_hand_with_a_probability_exactly_at_threshold():
+    task = WeightedPoolingObjectHitRegressionTask(4, 2, FIELDS, assignment_threshold=0.5)
+    hit_valid = torch.tensor([[True, True, True, False]])
+    # probabilities 0.5 (exactly the threshold: kept), 0.75, 0.25 (dropped), and a padded hit
+    logits = torch.logit(torch.tensor([[[0.5, 0.75, 0.25, 0.9]]]))
+    weights, selected = task.assignment_weights(logits, hit_valid)
+    assert selected.tolist() == [[[True, True, False, False]]]
+    torch.testing.assert_close(weights, torch.tensor([[[0.5, 0.75, 0.0, 0.0]]]))
+    features = torch.tensor([[[2.0, -1.0], [4.0, 3.0], [100.0, 100.0], [-100.0, -100.0]]])
+    mean, total, high, low = task.pool(features, weights, selected)
+    torch.testing.assert_close(total, torch.tensor([[[1.0 + 3.0, -0.5 + 2.25]]]))
+    torch.testing.assert_close(mean, torch.tensor([[[4.0 / 1.25, 1.75 / 1.25]]]))
+    assert high.tolist() == [[[4.0, 3.0]]] and low.tolist() == [[[2.0, -1.0]]]
+    soft = WeightedPoolingObjectHitRegressionTask(4, 2, FIELDS, assignment="soft", pooling=["sum"])
+    weights, selected = soft.assignment_weights(logits, hit_valid)
+    assert selected.tolist() == [[[True, True, True, False]]]
+    torch.testing.assert_close(soft.pool(features, weights, selected)[0], torch.tensor([[[29.0, 26.75]]]))
+
+
+def test_pooled_concatenation_size_follows_the_ops():
+    for ops, width in (
+        (["mean", "sum", "max", "min"], 5 * 16),
+        (["mean"], 16 + 16),
+        (["max", "min"], 16 + 32),
+    ):
+        task = WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, pooling=ops)
+        assert task.head[0].in_features == width
+
+
+def test_qpt_target_predicts_pt_and_charge():
+    fields = ["truthMuon_eta", "truthMuon_phi", "truthMuon_qpt"]
+    batch = synthetic_batch(b=32, seed=7, fields=fields)
+    space = TargetSpace(fields)
+    space.fit(batch, batch["particle_valid"])
+    decoded = space.decode(space.encode(batch))
+    valid = batch["particle_valid"]
+    qpt = batch["particle_truthMuon_qpt"][valid]
+    torch.testing.assert_close(decoded["track_truthMuon_pt"][valid], 1 / qpt.abs(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(decoded["track_truthMuon_q"][valid], torch.sign(qpt))
+
+
+def test_bad_task_settings_are_rejected():
+    with pytest.raises(ValueError, match=r"inverse field\(s\) \['truthMuon_p'\] are not regression targets"):
+        ObjectRegressionTask(8, FIELDS, ["truthMuon_p"])
+    with pytest.raises(ValueError, match="pooling ops"):
+        WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, pooling=["median"])
+    with pytest.raises(ValueError, match="assignment="):
+        WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, assignment="fuzzy")
