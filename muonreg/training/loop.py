@@ -100,17 +100,21 @@ class Trainer:
         _, losses = self._forward_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # The norm is taken before clipping: clipping by a NaN norm would smear NaN over every
+        # gradient and hide which parameter went bad.
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         names = list(losses)
-        numbers = torch.stack(
-            [losses[k].detach() for k in names] + [grad_norm.detach()]
-        ).tolist()  # one host sync
+        # one host sync per step for the health check and the logged numbers
+        numbers = torch.stack([losses[k].detach() for k in names] + [total_norm.detach()]).tolist()
         values, grad_norm = dict(zip(names, numbers[:-1], strict=True)), numbers[-1]
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
             self.guard.bad(self.state.global_step, batch, self.core, lambda: self.model(batch))
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.guard.ok()
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.state.global_step += 1

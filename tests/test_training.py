@@ -1,0 +1,126 @@
+"""The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
+
+import math
+
+import pytest
+import torch
+
+from muonreg.data.dataset import MuonEventDataset, make_loader
+from muonreg.data.features import HitFeatures
+from muonreg.data.format import DatasetReader
+from muonreg.training.checkpoint import load_checkpoint
+from muonreg.training.health import HealthGuard, NonFiniteTrainingError
+from muonreg.training.loop import Trainer
+from muonreg.training.optim import build_optimizer, build_scheduler
+
+from conftest import FIELDS, make_model, random_events, write_reference_dataset
+
+FEATURES = ["spacePoint_globEdgeLowX", "spacePoint_globEdgeLowZ", "spacePoint_driftR", "r", "eta", "phi"]
+
+
+@pytest.fixture(scope="module")
+def loaders(tmp_path_factory):
+    hits, tracks = random_events(120, seed=11)
+    path = write_reference_dataset(tmp_path_factory.mktemp("data") / "ds", hits, tracks)
+    reader = DatasetReader(path)
+    features = HitFeatures(FEATURES, reader.hit_features)
+    split = {"train": range(0, 80), "val": range(80, 100), "test": range(100, 120)}
+    datasets = {k: MuonEventDataset(reader, features, FIELDS, 2, indices=list(v)) for k, v in split.items()}
+    return {
+        "train": make_loader(datasets["train"], 16, shuffle=True, seed=1),
+        "val": make_loader(datasets["val"], 32, shuffle=False),
+        "test": make_loader(datasets["test"], 32, shuffle=False),
+    }
+
+
+def _trainer(loaders, tmp_path, max_consecutive=3, max_epochs=2, seed=0):
+    torch.manual_seed(seed)
+    model = make_model(input_size=len(FEATURES))
+    optimizer = build_optimizer(model, 1e-3, 1e-5)
+    return Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, 5 * max_epochs),
+        loaders,
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        checkpoint_dir=tmp_path / "checkpoints",
+        guard=HealthGuard(max_consecutive, tmp_path / "nonfinite"),
+    )
+
+
+def _batch(loaders):
+    return next(iter(loaders["train"]))
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_nan_in_a_batch_skips_the_step_counts_it_and_saves_the_batch(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path)
+    batch = _batch(loaders)
+    assert trainer.train_step(batch) is not None and trainer.state.global_step == 1
+    before = _params(trainer.model)
+    bad = dict(batch, hit_x=batch["hit_x"].clone())
+    bad["hit_x"][0, 0, 0] = math.nan
+    assert trainer.train_step(bad) is None
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)
+    )  # no update
+    assert trainer.guard.total == 1 and trainer.state.global_step == 1
+    saved = torch.load(tmp_path / "nonfinite" / "nonfinite_step1.pt", weights_only=False)
+    assert torch.isnan(saved["batch"]["hit_x"]).sum() == 1 and "model" in saved
+    assert trainer.train_step(batch) is not None and trainer.guard.consecutive == 0
+
+
+def test_repeated_nan_batches_stop_training_naming_the_input_net(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, max_consecutive=2)
+    bad = _batch(loaders)
+    bad["hit_x"][:, 0, 1] = math.nan
+    trainer.train_step(bad)
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"2 consecutive .*first module whose output went non-finite is 'input_net\.0'",
+    ):
+        trainer.train_step(bad)
+
+
+def test_a_module_emitting_nan_is_named(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, max_consecutive=3)
+    trainer.model.encoder.layers[1].register_forward_hook(lambda module, inputs, output: output * math.nan)
+    batch = _batch(loaders)
+    for _ in range(2):
+        assert trainer.train_step(batch) is None
+    with pytest.raises(NonFiniteTrainingError, match=r"'encoder\.layers\.1'"):
+        trainer.train_step(batch)
+    assert trainer.guard.total == 3 and trainer.state.global_step == 0
+
+
+def test_a_backward_only_failure_names_the_parameter(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, max_consecutive=1)
+    trainer.model.decoder.queries.register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"forward pass is finite; the first non-finite gradient is in 'decoder\.queries'",
+    ):
+        trainer.train_step(_batch(loaders))
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(loaders, tmp_path):
+    straight = _trainer(loaders, tmp_path / "a", max_epochs=2)
+    straight.fit()
+    first = _trainer(loaders, tmp_path / "b", max_epochs=2)
+    first.max_epochs = 1  # stop after one epoch, as a killed run would have
+    first.fit()
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert state["trainer"]["epoch"] == 1
+    resumed = _trainer(loaders, tmp_path / "c", max_epochs=2, seed=123)  # different init: must be overwritten
+    resumed.load_state_dict(state)
+    resumed.state.finished = False
+    resumed.fit()
+    assert resumed.state.epoch == 2 and resumed.state.global_step == straight.state.global_step
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    metrics, _ = straight.evaluate("test")
+    assert math.isfinite(metrics["test/loss"]) and 0 <= metrics["test/track_efficiency"] <= 1
