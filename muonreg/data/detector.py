@@ -25,7 +25,7 @@ TUBE_RADIUS = 14.6
 TUBE_PITCH = 30.035
 TUBE_LAYER_STEP = 26.0  # hexagonal packing of tube layers
 MDT_RESOLUTION = 0.08
-CHAMBER_ALIGNMENT = 0.1  # mm: residual misalignment and deformation of a chamber along its precision coordinate
+CHAMBER_ALIGNMENT = 0.1  # mm: residual misalignment and deformation along the precision coordinate
 SOLENOID_PHI_KICK = 0.36  # rad GeV: phi at the spectrometer = phi0 - q * 0.36 / pT
 MAX_DRIFT_TIME = 750.0  # ns
 STEP = 50.0  # propagation step along the path
