@@ -8,12 +8,14 @@ with softplus, so probabilities of exactly 0 or 1 are harmless.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 INVERSE_MIN = 1e-6  # |x| floor before 1/x: pT = 0 gives 1e6, not inf
-INVERSE_MAX = 1e6  # ceiling of a value before 1/x: keeps 1/x away from exact 0
+INVERSE_MAX = 1e6  # |x| ceiling before 1/x: keeps 1/x away from exact 0, so inverting twice is finite
 LOG_MIN = 1e-12  # probability floor before log
 R_FLOOR = 1e-6  # transverse radius floor (m) for eta = asinh(z / r) on the beam axis
 WEIGHT_FLOOR = 1e-12  # denominator floor of weighted means (weights are >= 0)
@@ -24,10 +26,18 @@ def masked_mean(
     x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
 ) -> torch.Tensor:
     """Mean of `x` where `mask`; 0 (with gradient 0, never NaN) when nothing is selected."""
-    mask = mask.to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
-    return total / count.clamp(min=1)
+    mask = mask.expand_as(x)
+    kept = torch.where(mask, x, torch.zeros_like(x))  # not x * mask: inf * 0 would be NaN
+    count = mask.to(x.dtype)
+    if dim is None:
+        return kept.sum() / count.sum().clamp(min=1)
+    return kept.sum(dim) / count.sum(dim).clamp(min=1)
+
+
+def average(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w x) / sum(w) over all elements (like np.average), for weights >= 0; 0 when all are 0."""
+    total = weights.sum(dtype=torch.float32).clamp(min=WEIGHT_FLOOR)
+    return ((x * weights).sum(dtype=torch.float32) / total).to(x.dtype)
 
 
 def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -36,9 +46,12 @@ def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_mean(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Weighted average over hits; 0 where all weights are 0."""
-    total = weights.sum(-1, keepdim=True).clamp(min=WEIGHT_FLOOR).to(values.dtype)
-    return weighted_sum(weights, values) / total
+    """Weighted average over hits (weights >= 0); 0 where all weights are 0.
+
+    The denominator stays in float32 so the floor survives half precision (1e-12 is 0 in fp16).
+    """
+    total = weights.sum(-1, keepdim=True, dtype=torch.float32).clamp(min=WEIGHT_FLOOR)
+    return (weighted_sum(weights, values) / total).to(values.dtype)
 
 
 def _masked_extreme(values: torch.Tensor, selected: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -61,10 +74,13 @@ def masked_min(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 
 def safe_inverse(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """1/x of a positive quantity (pT), with x clamped to [INVERSE_MIN, INVERSE_MAX]: always finite."""
+    """1/x with |x| clamped to [INVERSE_MIN, INVERSE_MAX] and the sign kept (0 counts as positive).
+
+    Always finite, with finite gradients: pT = 0 gives 1e6, and q/pT keeps its charge.
+    """
     if isinstance(x, np.ndarray):
-        return 1.0 / np.clip(x, INVERSE_MIN, INVERSE_MAX)
-    return 1.0 / x.clamp(INVERSE_MIN, INVERSE_MAX)
+        return np.where(x < 0, -1.0, 1.0) / np.clip(np.abs(x), INVERSE_MIN, INVERSE_MAX)
+    return torch.where(x < 0, -1.0, 1.0).to(x.dtype) / x.abs().clamp(INVERSE_MIN, INVERSE_MAX)
 
 
 def safe_log(p: torch.Tensor) -> torch.Tensor:
@@ -80,13 +96,17 @@ def bce_with_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def pairwise_bce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean BCE over valid hits between every prediction n and every target p -> [b, n, p].
 
-    BCE(x, t) = softplus(x) - x t for t in {0, 1}, so both sums are matrix products and padded
-    hits (valid False) contribute nothing; an event without valid hits costs 0.
+    BCE(x, t) = t softplus(-x) + (1 - t) softplus(x) (both -log sigmoid terms, never log 0), so the
+    sums over hits are matrix products of non-negative terms without cancellation; padded hits
+    (valid False) contribute nothing whatever their logits, and an event without valid hits costs 0.
     """
-    v = valid.to(logits.dtype).unsqueeze(1)  # [b, 1, m]
-    positive = (F.softplus(logits) * v).sum(-1, keepdim=True)  # [b, n, 1]
-    overlap = torch.einsum("bnm,bpm->bnp", logits * v, targets.to(logits.dtype))
-    return (positive - overlap) / valid.sum(-1).clamp(min=1).to(logits.dtype)[:, None, None]
+    v = valid.unsqueeze(1)  # [b, 1, m]
+    zero = torch.zeros_like(logits)
+    miss = torch.where(v, F.softplus(-logits), zero)  # cost of a hit the target owns
+    claim = torch.where(v, F.softplus(logits), zero)  # cost of a hit the target does not own
+    t = targets.to(logits.dtype)
+    total = torch.einsum("bnm,bpm->bnp", miss, t) + torch.einsum("bnm,bpm->bnp", claim, 1 - t)
+    return total / valid.sum(-1).clamp(min=1).to(logits.dtype)[:, None, None]
 
 
 def finite_cost(cost: torch.Tensor) -> torch.Tensor:
@@ -95,7 +115,17 @@ def finite_cost(cost: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN or +-inf (a host sync: for guards, not for the forward pass)."""
     return bool(torch.isfinite(x).all())
+
+
+def assert_finite(tensors: torch.Tensor | Mapping[str, torch.Tensor], what: str = "tensor") -> None:
+    """Raise FloatingPointError naming every non-finite entry (floating-point tensors only)."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = {what: tensors}
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not all_finite(t)]
+    if bad:
+        raise FloatingPointError(f"non-finite values in {what}: {', '.join(bad)}")
 
 
 def safe_eta(z: np.ndarray, r: np.ndarray) -> np.ndarray:

@@ -132,3 +132,15 @@ def test_split_indices_are_disjoint_and_contiguous():
     assert np.concatenate(list(split.values())).tolist() == list(range(100))
     with pytest.raises(ValueError, match="split fractions"):
         split_indices(100, [0.8, 0.3, 0.1])
+
+
+def test_shuffled_pools_stay_within_a_few_storage_blocks():
+    num_hits = np.random.default_rng(0).integers(60, 600, size=2000)
+    blocks = np.arange(2000) // 250  # e.g. gzip chunks of 250 events
+    sampler = EventBatchSampler(num_hits, 50, blocks=blocks, pool_batches=10, seed=2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+    pools = [np.concatenate(batches[i : i + 10]) for i in range(0, len(batches), 10)]
+    assert all(len(np.unique(blocks[pool])) <= 3 for pool in pools)  # 500 events: two blocks, three at a seam
+    sampler.set_epoch(1)
+    assert list(sampler) != batches

@@ -1,11 +1,14 @@
 """The MaskFormer: degenerate events, mask attention fallbacks, padding invariance, matching and alignment."""
 
+import pytest
 import torch
 
+from muonreg.models import MaskFormer
 from muonreg.models.decoder import Decoder
 from muonreg.models.layers import attendable
+from muonreg.tasks import ObjectHitMaskTask, ObjectRegressionTask, ObjectValidTask
 
-from conftest import make_model, synthetic_batch
+from conftest import FIELDS, make_model, synthetic_batch
 
 
 def _finite(outputs):
@@ -106,3 +109,52 @@ def test_match_and_align_put_the_best_query_on_each_truth_slot():
     assert torch.equal(aligned["track_hit_logit"][0, 0], target)
     assert torch.equal(aligned["hit_embed"], out["hit_embed"])  # per-hit outputs are not permuted
     assert torch.equal(aligned["query_embed"][0], out["query_embed"][0, [1, 0]])
+
+
+def test_missing_values_never_reach_a_layer_whatever_the_loader_wrote():
+    torch.manual_seed(0)
+    model = make_model().eval()
+    batch = synthetic_batch(seed=5)
+    dirty = dict(batch, hit_x=batch["hit_x"].masked_fill(~batch["hit_x_valid"], float("nan")))
+    sentinel = dict(batch, hit_x=batch["hit_x"].masked_fill(~batch["hit_x_valid"], -999.0))
+    with torch.no_grad():
+        clean = model(batch)
+        for other in (model(dirty), model(sentinel)):
+            for key in ("track_regression", "track_hit_logit", "track_valid_logit"):
+                torch.testing.assert_close(other[key], clean[key])
+
+
+def _model_with_queries(num_queries: int) -> MaskFormer:
+    return MaskFormer(
+        6,
+        dim=16,
+        heads=4,
+        num_queries=num_queries,
+        valid_task=ObjectValidTask(16),
+        hit_mask_task=ObjectHitMaskTask(16),
+        regression_task=ObjectRegressionTask(16, FIELDS, ["truthMuon_pt"]),
+    )
+
+
+def test_cost_stays_finite_with_padding_and_more_queries_than_muons():
+    torch.manual_seed(0)
+    model = _model_with_queries(3)
+    batch = synthetic_batch(b=3, seed=6)
+    with torch.no_grad():
+        out = model(batch)
+    out["track_hit_logit"] = out["track_hit_logit"].masked_fill(~batch["hit_valid"][:, None], float("inf"))
+    truth = model.truth(batch)  # 2 truth slots padded with an empty third
+    assert truth["particle_valid"].shape == (3, 3) and not truth["particle_valid"][:, 2].any()
+    assert truth["particle_hit_valid"].shape == (3, 3, 20) and truth["particle_truthMuon_pt"].shape == (3, 3)
+    cost = model.hit_mask_task.cost(out, truth, batch["hit_valid"]) + model.valid_task.cost(out, truth)
+    assert torch.isfinite(cost).all()
+    perm = model.match(out, batch)
+    assert sorted(perm[0].tolist()) == [0, 1, 2]
+    assert all(torch.isfinite(v) for v in model.loss(out, batch).values())
+
+
+def test_fewer_queries_than_truth_slots_is_a_clear_error():
+    model = _model_with_queries(1)
+    batch = synthetic_batch()
+    with pytest.raises(ValueError, match=r"2 truth slots but only num_queries=1"):
+        model.loss(model(batch), batch)

@@ -1,6 +1,7 @@
 """The safe operations: exact values on tiny cases, and finiteness (values and gradients) at the edges."""
 
 import numpy as np
+import pytest
 import torch
 
 from muonreg import numerics as nx
@@ -17,6 +18,24 @@ def test_masked_mean_of_nothing_is_zero_with_a_live_graph():
         torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[True, True], [False, False]]), dim=1
     )
     assert rows.tolist() == [2.0, 0.0]
+    # unselected elements are never multiplied in: inf * 0 would be NaN
+    assert nx.masked_mean(torch.tensor([1.0, float("inf")]), torch.tensor([True, False])).item() == 1.0
+
+
+def test_average_with_null_weights_and_with_no_weight_at_all():
+    x = torch.tensor([1.0, 4.0, 10.0], requires_grad=True)
+    assert nx.average(x, torch.tensor([1.0, 1.0, 0.5])).item() == (1 + 4 + 5) / 2.5
+    empty = nx.average(x, torch.zeros(3))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert torch.equal(x.grad, torch.zeros(3))
+
+
+def test_weighted_mean_over_no_weight_is_zero_in_half_precision():
+    values = torch.ones(1, 3, 2, dtype=torch.float16)
+    weights = torch.tensor([[[0.0, 0.0, 0.0], [0.5, 0.5, 0.0]]], dtype=torch.float16)
+    out = nx.weighted_mean(weights, values)
+    assert out.dtype == torch.float16 and out.tolist() == [[[0.0, 0.0], [1.0, 1.0]]]
 
 
 def test_weighted_pooling_values_by_hand():
@@ -42,11 +61,19 @@ def test_extrema_gradients_are_finite_when_nothing_is_selected():
     assert values.grad[0, 2].tolist() == [2.0, 2.0, 2.0] and values.grad.abs().sum() == 6.0
 
 
-def test_safe_inverse_and_log_never_give_inf():
-    x = torch.tensor([0.0, -1.0, 1e-9, 4.0, 1e9])
+def test_safe_inverse_clamps_the_magnitude_and_keeps_the_sign():
+    x = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 4.0, -0.5, 1e9, -1e9], requires_grad=True)
+    expected = [1e6, 1e6, 1e6, -1e6, 0.25, -2.0, 1e-6, -1e-6]
     inv = nx.safe_inverse(x)
-    assert torch.isfinite(inv).all() and inv[0] == 1e6 and inv[3] == 0.25 and inv[4] > 0
-    assert np.isfinite(nx.safe_inverse(np.array([0.0, 2.0]))).all()
+    torch.testing.assert_close(inv, torch.tensor(expected))
+    inv.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[4].item() == -1 / 16
+    np.testing.assert_allclose(nx.safe_inverse(x.detach().numpy()), expected, rtol=1e-6)
+    # the clamp keeps both directions finite: inverting twice never overflows
+    assert torch.isfinite(nx.safe_inverse(nx.safe_inverse(torch.tensor([0.0, -3.0])))).all()
+
+
+def test_safe_log_never_gives_inf():
     p = torch.tensor([0.0, 1.0, 0.5], requires_grad=True)
     logp = nx.safe_log(p)
     assert torch.isfinite(logp).all()
@@ -68,7 +95,8 @@ def test_pairwise_bce_matches_elementwise_mean_and_ignores_padding():
     logits = torch.randn(2, 3, 6)
     targets = torch.rand(2, 2, 6) > 0.5
     valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    logits[1, :, 4:] = 1e30  # garbage on padded hits must not matter
+    logits[1, :, 4] = float("inf")  # garbage on padded hits must not matter
+    logits[1, :, 5] = float("nan")
     cost = nx.pairwise_bce(logits, targets, valid)
     for b in range(2):
         for n in range(3):
@@ -78,6 +106,26 @@ def test_pairwise_bce_matches_elementwise_mean_and_ignores_padding():
                 torch.testing.assert_close(cost[b, n, p], ref)
     no_hits = nx.pairwise_bce(logits, targets, torch.zeros(2, 6, dtype=torch.bool))
     assert torch.equal(no_hits, torch.zeros(2, 3, 2))
+
+
+def test_pairwise_bce_at_extreme_logits_is_exact():
+    """Confident logits (+-1e4) cost 0 when right and |logit| per hit when wrong: no cancellation."""
+    logits = torch.tensor([[[1e4, -1e4, 1e4]]])
+    targets = torch.tensor([[[True, False, True], [False, True, False]]])
+    cost = nx.pairwise_bce(logits, targets, torch.ones(1, 3, dtype=torch.bool))
+    assert cost.tolist() == [[[0.0, 1e4]]]
+
+
+def test_assert_finite_names_the_bad_entries():
+    nx.assert_finite({"loss": torch.tensor(1.0), "mask": torch.tensor([True])}, "losses")
+    with pytest.raises(FloatingPointError, match=r"non-finite values in losses: a, c"):
+        nx.assert_finite(
+            {"a": torch.tensor(float("nan")), "b": torch.zeros(2), "c": torch.tensor([1.0, -float("inf")])},
+            "losses",
+        )
+    with pytest.raises(FloatingPointError, match="grad"):
+        nx.assert_finite(torch.tensor([float("inf")]), "grad")
+    assert nx.all_finite(torch.zeros(3)) and not nx.all_finite(torch.tensor([0.0, float("nan")]))
 
 
 def test_finite_cost_and_eta():

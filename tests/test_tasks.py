@@ -55,6 +55,7 @@ def test_all_tracks_invalid_gives_zero_regression_loss_not_nan(task_name):
     model = make_model(task_name)
     losses = model.loss(model(batch), batch)
     assert losses["track_regression"].item() == 0.0 and losses["track_hit_bce"].item() == 0.0
+    assert losses["track_regression"].requires_grad  # a live graph: backward works as usual
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -133,8 +134,17 @@ def test_mixed_valid_slots_average_over_valid_only():
     assert torch.isfinite(task.loss({"track_regression": prediction}, batch)["track_regression"])
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only wait on each other (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # 9. a short training loop whose loss decreases
-def test_short_training_loop_decreases_loss(task_name):
+def test_short_training_loop_decreases_loss(task_name, one_thread):
     torch.manual_seed(0)
     batch = synthetic_batch(b=16, seed=6)
     model = make_model(task_name)
@@ -192,6 +202,49 @@ def test_qpt_target_predicts_pt_and_charge():
     assert torch.equal(decoded["track_truthMuon_q"][valid], torch.sign(qpt))
 
 
+def test_an_inverted_signed_field_keeps_its_sign():
+    fields = ["truthMuon_qpt"]
+    batch = synthetic_batch(b=32, seed=8, fields=fields)
+    space = TargetSpace(fields, inverse_fields=fields)  # regress q * pT: the sign is the charge
+    valid = batch["particle_valid"]
+    space.fit(batch, valid)
+    qpt = batch["particle_truthMuon_qpt"][valid]
+    decoded = space.decode(space.encode(batch))
+    torch.testing.assert_close(decoded["track_truthMuon_qpt"][valid], qpt)
+    torch.testing.assert_close(decoded["track_truthMuon_pt"][valid], 1 / qpt.abs(), rtol=1e-4, atol=1e-4)
+
+
+def test_normalisation_is_saved_with_the_model():
+    batch = synthetic_batch(b=64, seed=9)
+    task = ObjectRegressionTask(8, FIELDS, ["truthMuon_pt"])
+    task.fit_normalization(batch, batch["particle_valid"])
+    state = task.state_dict()
+    assert {"space.mean", "space.std"} <= set(state) and "space.inverse" not in state
+    restored = ObjectRegressionTask(8, FIELDS, ["truthMuon_pt"])
+    restored.load_state_dict(state)
+    valid = batch["particle_valid"]
+    inv_pt = 1 / batch["particle_truthMuon_pt"][valid]
+    torch.testing.assert_close(restored.space.mean[2], inv_pt.mean())
+    torch.testing.assert_close(restored.space.std[2], inv_pt.std(unbiased=False))
+    encoded = restored.space.encode(batch)[valid]
+    torch.testing.assert_close(encoded.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_assignment_decides_whether_regression_trains_the_hit_mask(detach):
+    torch.manual_seed(0)
+    task = WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, detach_assignment=detach)
+    batch = synthetic_batch()
+    logits = torch.randn(4, 2, 20, requires_grad=True)
+    inputs = (torch.randn(4, 2, 16), torch.randn(4, 20, 16), batch["hit_x"], batch["hit_x_valid"])
+    task(*inputs, batch["hit_valid"], logits)["track_regression"].sum().backward()
+    if detach:
+        assert logits.grad is None
+    else:
+        assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+        assert (logits.grad[~batch["hit_valid"][:, None].expand_as(logits)] == 0).all()  # padding: none
+
+
 def test_bad_task_settings_are_rejected():
     with pytest.raises(ValueError, match=r"inverse field\(s\) \['truthMuon_p'\] are not regression targets"):
         ObjectRegressionTask(8, FIELDS, ["truthMuon_p"])
@@ -199,3 +252,5 @@ def test_bad_task_settings_are_rejected():
         WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, pooling=["median"])
     with pytest.raises(ValueError, match="assignment="):
         WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, assignment="fuzzy")
+    with pytest.raises(ValueError, match=r"hit_fields_index \[0, 4\]"):
+        WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, hit_fields_index=[0, 4])

@@ -127,13 +127,15 @@ def collate(events: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 class EventBatchSampler(Sampler[list[int]]):
-    """Deterministic batches for an epoch: optionally bucketed by hit count, resumable, shardable.
+    """Deterministic batches for an epoch: bucketed by hit count, local on disk, resumable, shardable.
 
-    Bucketing: indices are shuffled, cut into pools of `pool_batches` batches, each pool sorted by
-    hit count and cut into batches, and the batches shuffled: little padding, the same events
-    every epoch. The order depends only on (seed, epoch), so `set_epoch(epoch, start_batch=k)`
-    resumes a killed epoch at batch k, and rank r of `world_size` takes every world_size-th batch
-    (trimmed so all ranks run the same number of steps).
+    Shuffled epochs take whole storage blocks (`blocks`: an id per event, see
+    DatasetReader.block_ids) in random order and cut that order into pools of `pool_batches`
+    batches; each pool is shuffled, sorted by hit count (`bucket`) and cut into batches, which
+    are shuffled within the pool. So a batch holds events of similar size (little padding) and a
+    pool touches only a few blocks (each decompressed once per reader). The order depends only
+    on (seed, epoch): `set_epoch(epoch, start_batch=k)` resumes a killed epoch at batch k, and
+    rank r of `world_size` takes every world_size-th batch (trimmed so all ranks take as many).
     """
 
     def __init__(
@@ -143,13 +145,15 @@ class EventBatchSampler(Sampler[list[int]]):
         *,
         shuffle: bool = True,
         bucket: bool = True,
+        blocks: np.ndarray | None = None,
         seed: int = 0,
-        pool_batches: int = 50,
+        pool_batches: int = 10,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ):
         self.num_hits = np.asarray(num_hits)
+        self.blocks = None if blocks is None else np.asarray(blocks)
         self.batch_size, self.shuffle, self.bucket, self.seed = batch_size, shuffle, bucket, seed
         self.pool = batch_size * pool_batches
         self.drop_last = drop_last
@@ -159,23 +163,31 @@ class EventBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        n = len(self.num_hits)
+        if not self.shuffle:
+            return np.arange(n)
+        if self.blocks is None:
+            return rng.permutation(n)
+        unique, inverse = np.unique(self.blocks, return_inverse=True)
+        block_rank = rng.permutation(len(unique))[inverse]
+        return np.lexsort((rng.random(n), block_rank))  # whole blocks in random order
+
     def batches(self) -> list[np.ndarray]:
         """All batches of the current epoch for this rank, before skipping `start_batch`."""
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(len(self.num_hits)) if self.shuffle else np.arange(len(self.num_hits))
-        size = self.batch_size
-        if self.bucket:
-            batches = []
-            for start in range(0, len(order), self.pool):
-                pool = order[start : start + self.pool]
+        order = self._order(rng)
+        size, batches = self.batch_size, []
+        for start in range(0, len(order), self.pool):
+            pool = order[start : start + self.pool]
+            if self.bucket:
                 pool = pool[np.argsort(self.num_hits[pool], kind="stable")]
-                batches += [pool[i : i + size] for i in range(0, len(pool), size)]
-        else:
-            batches = [order[i : i + size] for i in range(0, len(order), size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        if self.shuffle and self.bucket:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+            part = [pool[i : i + size] for i in range(0, len(pool), size)]
+            if self.drop_last:
+                part = [b for b in part if len(b) == size]
+            if self.shuffle:
+                part = [part[i] for i in rng.permutation(len(part))]
+            batches += part
         usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank : usable : self.world_size]
 
@@ -206,6 +218,7 @@ def make_loader(
         batch_size,
         shuffle=shuffle,
         bucket=bucket_by_hits,
+        blocks=dataset.reader.block_ids(dataset.indices),
         seed=seed,
         drop_last=drop_last,
         rank=rank,

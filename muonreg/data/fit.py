@@ -25,6 +25,7 @@ STEPS = int((det.MAX_PATH - START) / det.STEP)
 WIRE_SIGMA = det.TUBE_RADIUS / np.sqrt(3)  # first pass: a tube hit as its wire, spread over the tube
 MDT_SIGMA = float(np.hypot(det.MDT_RESOLUTION, det.CHAMBER_ALIGNMENT))  # tube resolution and alignment
 FD_STEPS = np.array([1e-6, 1e-6, 1e-6])  # finite-difference steps for (psi, alpha, q/p)
+MIN_HITS = 4  # three parameters and at least one degree of freedom
 
 
 def _columns(hits: np.ndarray, index: dict[str, int], name: str) -> np.ndarray:
@@ -125,9 +126,10 @@ def _gauss_newton(params: np.ndarray, m: Measurements, signs_from_track: bool, i
             ],
             -1,
         )
-        jtj = np.einsum("thk,thl->tkl", jac, jac) + np.eye(3) * 1e-9
+        jac, res = np.nan_to_num(jac), np.nan_to_num(res)
+        jtj = np.einsum("thk,thl->tkl", jac, jac)
         jtr = np.einsum("thk,th->tk", jac, res)
-        step = np.linalg.solve(jtj, -jtr[..., None])[..., 0]
+        step = (np.linalg.pinv(jtj) @ -jtr[..., None])[..., 0]  # pinv: a degenerate track just stops moving
         params = params + np.clip(step, -0.2, 0.2)
     return params
 
@@ -141,8 +143,13 @@ def _initial(m: Measurements) -> np.ndarray:
     return np.stack([angle, angle, np.zeros(len(angle))], 1)
 
 
-def fit_tracks(tracks: list[np.ndarray], index: dict[str, int]) -> dict[str, np.ndarray]:
-    """Fit many muons at once; each entry of `tracks` holds one muon's hits (on-disk columns)."""
+def fit_tracks(tracks: list[np.ndarray], index: dict[str, int], batch: int = 500) -> dict[str, np.ndarray]:
+    """Fit many muons, `batch` at a time; each entry of `tracks` holds one muon's hits (on-disk columns)."""
+    parts = [_fit_batch(tracks[i : i + batch], index) for i in range(0, len(tracks), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _fit_batch(tracks: list[np.ndarray], index: dict[str, int]) -> dict[str, np.ndarray]:
     m = Measurements(tracks, index)
     params = _gauss_newton(_initial(m), m, signs_from_track=False, iterations=6)
     params = _gauss_newton(params, m, signs_from_track=True, iterations=5)
@@ -155,13 +162,14 @@ def fit_tracks(tracks: list[np.ndarray], index: dict[str, int]) -> dict[str, np.
     eta = np.arcsinh(np.tan(alpha)) * m.side
     pt = (p_ms + det.MEAN_ENERGY_LOSS) / np.cosh(eta)
     phi = np.angle(np.exp(1j * (m.phi + q * det.SOLENOID_PHI_KICK / pt)))
-    ok = (ndf > 0) & np.isfinite(params).all(1) & (np.abs(alpha) < np.pi / 2)
+    enough = np.array([len(t) >= MIN_HITS for t in tracks])
+    ok = enough & (ndf > 0) & np.isfinite(params).all(1) & (np.abs(alpha) < np.pi / 2)
     return {"pt": pt, "eta": eta, "phi": phi, "q": q, "chi2_ndf": chi2 / np.maximum(ndf, 1), "ok": ok}
 
 
 def fit_track(hits: np.ndarray, hit_index: dict[str, int]) -> dict | None:
-    """Fit one muon's hits; None when there are too few to fit (fewer than 4 hits)."""
-    if len(hits) < 4:
+    """Fit one muon's hits; None when they are too few (fewer than MIN_HITS) or the fit fails."""
+    if len(hits) < MIN_HITS:
         return None
     result = {k: v[0] for k, v in fit_tracks([hits], hit_index).items()}
     if not result.pop("ok"):
@@ -169,7 +177,7 @@ def fit_track(hits: np.ndarray, hit_index: dict[str, int]) -> dict | None:
     return {k: float(v) for k, v in result.items()}
 
 
-def fit_events(reader, indices: Iterable[int], batch: int = 500) -> dict[str, np.ndarray]:
+def fit_events(reader, indices: Iterable[int]) -> dict[str, np.ndarray]:
     """Fit the truth hits of every muon of the given dataset events; one row per muon."""
     link_col = reader.hit_index["spacePoint_truthLink"]
     col = reader.track_index
@@ -184,13 +192,6 @@ def fit_events(reader, indices: Iterable[int], batch: int = 500) -> dict[str, np
                 rows[f"{f}_true"].append(track[col[f"truthMuon_{f}"]])
             muons.append(event.hits[event.hits[:, link_col] == k])
     out = {k: np.asarray(v) for k, v in rows.items()}
-    fitted: dict[str, list] = {k: [] for k in ("pt", "eta", "phi", "q", "chi2_ndf", "ok")}
-    for start in range(0, len(muons), batch):
-        part = muons[start : start + batch]
-        result = fit_tracks(part, reader.hit_index)
-        enough = np.array([len(h) >= 4 for h in part])
-        result["ok"] = result["ok"] & enough
-        for k in fitted:
-            fitted[k].append(result[k])
-    out.update({k: np.concatenate(v) if v else np.zeros(0) for k, v in fitted.items()})
+    if muons:
+        out.update(fit_tracks(muons, reader.hit_index))
     return out

@@ -6,14 +6,17 @@ and `data/*.h5`. Each HDF5 file holds NaN-padded `hits` [events, max_hits, F] an
 `hits[row, :num_hits]`, so the padding never leaves this module.
 
 The reader opens files lazily, per process (so DataLoader workers each get their own handles),
-reads only the rows it is asked for, and checks every event it returns: errors name the file,
-the event row and the problem.
+and reads a block of rows at a time, one HDF5 chunk high: a gzip file decompresses whole chunks,
+so reading an event alone would decompress a chunk's worth for one event. A few recent blocks
+are kept (bounded memory); samplers that visit events block by block decompress each block once
+(`block_ids`). Every event returned is checked: errors name the file, the event row and the problem.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_
 METADATA = "metadata.yaml"
 FILE_INDICES = "event_file_indices.npy"
 ROW_INDICES = "event_row_indices.npy"
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 64, 1024  # rows read at once: a block is the file's chunk height
 
 
 class DataFormatError(ValueError):
@@ -40,6 +44,18 @@ class Event:
     hits: np.ndarray  # float32 [num_hits, len(hit_features)]
     tracks: np.ndarray  # float32 [num_tracks, len(track_features)]
     event_number: int
+
+
+@dataclass
+class _Block:
+    """Consecutive rows of one file, decompressed once: hits stored compactly (no padding)."""
+
+    start: int
+    hits: np.ndarray  # [sum of num_hits, F]
+    offsets: np.ndarray  # event i's hits are hits[offsets[i]:offsets[i + 1]]
+    num_tracks: np.ndarray
+    tracks: np.ndarray  # [rows, max_tracks, 4], NaN-padded
+    numbers: np.ndarray | None
 
 
 def is_dataset(path: str | os.PathLike) -> bool:
@@ -62,8 +78,11 @@ class DatasetReader:
         required_hit_features: Iterable[str] = (TRUTH_LINK,),
         required_track_features: Iterable[str] = TRACK_FEATURES,
         max_tracks: int | None = None,
+        cache_blocks: int = 12,
     ):
         self.path = Path(path)
+        self.cache_blocks = cache_blocks
+        self._cache: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         if not self.path.is_dir():
             raise DataFormatError(f"{self.path}: not a directory (expected a dataset in the hepattn layout)")
         for name in (METADATA, FILE_INDICES, ROW_INDICES):
@@ -131,11 +150,12 @@ class DatasetReader:
         # h5py handles do not cross process boundaries; each worker reopens its own.
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_cache"] = OrderedDict()
         return state
 
     def _open(self, file_idx: int) -> h5py.File:
         if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._cache, self._pid = {}, OrderedDict(), os.getpid()
         handle = self._handles.get(file_idx)
         if handle is None:
             handle = h5py.File(self.files[file_idx], "r")
@@ -178,26 +198,72 @@ class DatasetReader:
             raise IndexError(f"{self.path}: event {index} outside 0..{len(self) - 1}")
         return int(self.file_indices[index]), int(self.row_indices[index])
 
-    def read(self, index: int) -> Event:
-        file_idx, row = self.locate(index)
-        f = self._open(file_idx)
-        file = self.files[file_idx]
+    def block_rows(self, file_idx: int) -> int:
+        """Rows read together from a file: its HDF5 chunk height (gzip decompresses whole chunks)."""
+        rows = self._open(file_idx)["hits"].chunks
+        return int(np.clip(rows[0], MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)) if rows else MIN_BLOCK_ROWS
+
+    def block_ids(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """An id per event (all, or `indices`) shared by the events read in one block."""
+        indices = np.arange(len(self)) if indices is None else np.asarray(indices)
+        files = np.asarray(self.file_indices)[indices]
+        rows = np.asarray(self.row_indices)[indices]
+        per_file = np.array([self.block_rows(i) for i in range(len(self.files))], dtype=np.int64)
+        return files.astype(np.int64) * (1 << 40) + rows // per_file[files]
+
+    def _block(self, file_idx: int, row: int, index: int) -> _Block:
+        """The cached block holding `row`, read (and checked) on first use."""
+        rows = self.block_rows(file_idx)
+        key = (file_idx, row // rows)
+        block = self._cache.get(key)
+        if block is not None:
+            self._cache.move_to_end(key)
+            return block
+        f, file = self._open(file_idx), self.files[file_idx]
         if not 0 <= row < f["hits"].shape[0]:
             raise DataFormatError(
                 f"{file}: event row {row} (dataset event {index}) outside 0..{f['hits'].shape[0] - 1}"
             )
-        n_hits, n_tracks = int(f["num_hits"][row]), int(f["num_tracks"][row])
-        where = f"{file}: event row {row} (dataset event {index})"
-        if not 0 <= n_hits <= f["hits"].shape[1]:
-            raise DataFormatError(f"{where}: num_hits={n_hits} outside 0..{f['hits'].shape[1]}")
-        if not 0 <= n_tracks <= f["tracks"].shape[1]:
-            raise DataFormatError(f"{where}: num_tracks={n_tracks} outside 0..{f['tracks'].shape[1]}")
+        r0 = key[1] * rows
+        r1 = min(r0 + rows, f["hits"].shape[0])
+        num_hits = f["num_hits"][r0:r1].astype(np.int64)
+        num_tracks = f["num_tracks"][r0:r1].astype(np.int64)
+        for name, counts, limit in (
+            ("num_hits", num_hits, f["hits"].shape[1]),
+            ("num_tracks", num_tracks, f["tracks"].shape[1]),
+        ):
+            bad = np.flatnonzero((counts < 0) | (counts > limit))
+            if len(bad):
+                raise DataFormatError(
+                    f"{file}: event row {r0 + bad[0]}: {name}={counts[bad[0]]} outside 0..{limit}"
+                )
+        width = int(num_hits.max(initial=0))
+        padded = f["hits"][r0:r1, :width]  # only the hit slots in use: fewer chunks to decompress
+        block = _Block(
+            start=r0,
+            hits=np.asarray(padded[np.arange(width) < num_hits[:, None]], dtype=np.float32),
+            offsets=np.concatenate([[0], np.cumsum(num_hits)]),
+            num_tracks=num_tracks,
+            tracks=np.asarray(f["tracks"][r0:r1], dtype=np.float32),
+            numbers=f["event_numbers"][r0:r1] if "event_numbers" in f else None,
+        )
+        self._cache[key] = block
+        if len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return block
+
+    def read(self, index: int) -> Event:
+        file_idx, row = self.locate(index)
+        block = self._block(file_idx, row, index)
+        i = row - block.start
+        n_tracks = int(block.num_tracks[i])
+        where = f"{self.files[file_idx]}: event row {row} (dataset event {index})"
         if self.max_tracks is not None and n_tracks > self.max_tracks:
             raise DataFormatError(
                 f"{where}: {n_tracks} tracks, more than the configured maximum {self.max_tracks}"
             )
-        hits = np.asarray(f["hits"][row, :n_hits], dtype=np.float32)
-        tracks = np.asarray(f["tracks"][row, :n_tracks], dtype=np.float32)
+        hits = block.hits[block.offsets[i] : block.offsets[i + 1]]
+        tracks = block.tracks[i, :n_tracks]
         if not np.isfinite(tracks).all():
             col = self.track_features[int(np.argwhere(~np.isfinite(tracks))[0, 1])]
             raise DataFormatError(f"{where}: non-finite {col} for one of its {n_tracks} tracks")
@@ -209,7 +275,7 @@ class DatasetReader:
                     f"{where}: {TRUTH_LINK} value {link[bad][0]!r} at hit {int(np.argmax(bad))} "
                     f"outside -1..{n_tracks - 1} (num_tracks={n_tracks})"
                 )
-        number = int(f["event_numbers"][row]) if "event_numbers" in f else index
+        number = int(block.numbers[i]) if block.numbers is not None else index
         return Event(hits=hits, tracks=tracks, event_number=number)
 
     def num_hits(self) -> np.ndarray:

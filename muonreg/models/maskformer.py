@@ -26,6 +26,8 @@ QUERY_AXIS_PREFIXES = ("track_", "query_")
 
 
 class MaskFormer(nn.Module):
+    """Hits -> encoder -> decoder queries -> tasks; `loss` matches queries to truth first."""
+
     def __init__(
         self,
         input_size: int,
@@ -52,7 +54,9 @@ class MaskFormer(nn.Module):
         self.matcher = matcher or Matcher()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        hit_x, hit_x_valid, hit_valid = batch["hit_x"], batch["hit_x_valid"], batch["hit_valid"]
+        hit_x_valid, hit_valid = batch["hit_x_valid"], batch["hit_valid"]
+        # the loader writes 0 for missing values; enforce it so no sentinel or NaN ever reaches a layer
+        hit_x = torch.where(hit_x_valid, batch["hit_x"], 0.0)
         x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
         hits = self.encoder(x, hit_valid)
         query = self.decoder(

@@ -33,12 +33,15 @@ class TargetSpace(nn.Module):
             raise ValueError(
                 f"inverse field(s) {unknown} are not regression targets; targets are {self.fields}"
             )
-        self.inverse = torch.tensor([f in inverse_fields for f in self.fields])
+        # a buffer, so it moves with the module: no host-to-device copy per step
+        self.register_buffer(
+            "inverse", torch.tensor([f in inverse_fields for f in self.fields]), persistent=False
+        )
         self.register_buffer("mean", torch.zeros(len(self.fields)))
         self.register_buffer("std", torch.ones(len(self.fields)))
 
     def _invert(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.inverse.to(x.device), safe_inverse(x), x)
+        return torch.where(self.inverse, safe_inverse(x), x)
 
     def physical(self, truth: dict[str, torch.Tensor]) -> torch.Tensor:
         """Stack `particle_<field>` targets into [..., fields] (unnormalised, un-inverted)."""
@@ -61,7 +64,7 @@ class TargetSpace(nn.Module):
     @torch.no_grad()
     def fit(self, truth: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
         """Set the standardisation from training targets of valid slots."""
-        x = self._invert(self.physical(truth).float())[valid]
+        x = self._invert(self.physical(truth).to(self.mean))[valid.to(self.mean.device)]
         if len(x) == 0:
             return
         std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones_like(self.std)

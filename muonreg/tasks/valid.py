@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from muonreg.models.layers import mlp
-from muonreg.numerics import bce_with_logits
+from muonreg.numerics import average, bce_with_logits
 
 
 class ObjectValidTask(nn.Module):
+    """query -> MLP -> logit that the query holds a muon."""
+
     def __init__(
         self, dim: int, loss_weight: float = 1.0, cost_weight: float = 10.0, null_weight: float = 1.0
     ):
@@ -29,10 +31,10 @@ class ObjectValidTask(nn.Module):
     def loss(
         self, outputs: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """BCE over all slots; empty (invalid) slots weighted by null_weight."""
         valid = truth["particle_valid"]
         weight = torch.where(valid, 1.0, self.null_weight).to(outputs["track_valid_logit"].dtype)
-        bce = bce_with_logits(outputs["track_valid_logit"], valid)
-        return {"track_valid_bce": (bce * weight).sum() / weight.sum()}
+        return {"track_valid_bce": average(bce_with_logits(outputs["track_valid_logit"], valid), weight)}
 
     def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"track_valid": outputs["track_valid_logit"] >= 0}  # probability >= 0.5

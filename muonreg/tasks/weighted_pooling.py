@@ -21,6 +21,8 @@ ASSIGNMENTS = ("hard", "soft")
 
 
 class WeightedPoolingObjectHitRegressionTask(RegressionTask):
+    """Track parameters from the query and the raw and encoded hits its hit-mask logits assign to it."""
+
     def __init__(
         self,
         dim: int,
@@ -33,6 +35,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         pooling: Sequence[str] = ("mean", "sum", "max", "min"),
         loss_weight: float = 1.0,
         detach_assignment: bool = False,
+        hidden: int | None = None,
     ):
         super().__init__(fields, inverse_fields, loss_weight)
         if assignment not in ASSIGNMENTS:
@@ -43,6 +46,8 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         if not 0 < assignment_threshold < 1:
             raise ValueError(f"assignment_threshold={assignment_threshold} must be strictly between 0 and 1")
         index = list(range(input_size)) if hit_fields_index is None else list(hit_fields_index)
+        if not index or not all(0 <= i < input_size for i in index):
+            raise ValueError(f"hit_fields_index {index} must be non-empty columns of the {input_size} inputs")
         self.register_buffer("hit_fields_index", torch.tensor(index, dtype=torch.long), persistent=False)
         self.threshold, self.assignment = assignment_threshold, assignment
         self.pooling = list(pooling)
@@ -50,7 +55,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         half = dim // 2
         self.raw_net = mlp(2 * len(index), dim, half)  # values and their validity flags
         self.hit_net = mlp(dim, dim, half)
-        self.head = mlp(dim + 2 * half * len(self.pooling), 2 * dim, len(self.fields), layers=3)
+        self.head = mlp(dim + 2 * half * len(self.pooling), hidden or 2 * dim, len(self.fields), layers=3)
 
     def assignment_weights(
         self, hit_logit: torch.Tensor, hit_valid: torch.Tensor
