@@ -55,11 +55,19 @@ def weighted_mean(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_extreme(values: torch.Tensor, selected: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Find each extreme's hit without gradient, then gather it from `values` [b, m, d].
+
+    The [b, n, m, d] masked copy exists only inside no_grad and is freed at once: autograd keeps
+    just the [b, n, d] indices, and the backward pass is a scatter into [b, m, d].
+    """
+    b, n, d = selected.shape[0], selected.shape[1], values.shape[2]
     if values.shape[1] == 0:  # a batch without hits: nothing to reduce over
-        return values.new_zeros(selected.shape[0], selected.shape[1], values.shape[2])
-    fill = torch.finfo(values.dtype).min if largest else torch.finfo(values.dtype).max
-    expanded = values.unsqueeze(1).masked_fill(~selected.unsqueeze(-1), fill)  # [b, n, m, d]
-    extreme = expanded.amax(2) if largest else expanded.amin(2)
+        return values.new_zeros(b, n, d)
+    with torch.no_grad():
+        fill = torch.finfo(values.dtype).min if largest else torch.finfo(values.dtype).max
+        masked = values.unsqueeze(1).masked_fill(~selected.unsqueeze(-1), fill)
+        index = masked.argmax(2) if largest else masked.argmin(2)  # [b, n, d]
+    extreme = values.gather(1, index)  # extreme[b, n, k] = values[b, index[b, n, k], k]
     return torch.where(selected.any(-1, keepdim=True), extreme, torch.zeros_like(extreme))
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
+
+# The tests' tensors are tiny: on a 2-core machine intra-op threads only wait on each other.
+torch.set_num_threads(1)
 
 
 def random_events(n: int, seed: int = 0, max_tracks: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:

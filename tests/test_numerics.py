@@ -61,6 +61,22 @@ def test_extrema_gradients_are_finite_when_nothing_is_selected():
     assert values.grad[0, 2].tolist() == [2.0, 2.0, 2.0] and values.grad.abs().sum() == 6.0
 
 
+def test_extrema_equal_the_broadcast_reference_values_and_gradients():
+    torch.manual_seed(0)
+    values = torch.randn(3, 7, 4, requires_grad=True)
+    selected = torch.rand(3, 2, 7) > 0.5
+    selected[0, 1] = False  # a track with no hits
+    upstream = torch.randn(3, 2, 4)
+    for ours, reduce in ((nx.masked_max, torch.amax), (nx.masked_min, torch.amin)):
+        fill = float("-inf") if reduce is torch.amax else float("inf")
+        ref = reduce(values.unsqueeze(1).masked_fill(~selected.unsqueeze(-1), fill), 2)
+        ref = torch.where(selected.any(-1, keepdim=True), ref, torch.zeros_like(ref))
+        (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), values)
+        out = ours(values, selected)
+        (grad,) = torch.autograd.grad((out * upstream).sum(), values)
+        assert torch.equal(out, ref) and torch.equal(grad, grad_ref)
+
+
 def test_safe_inverse_clamps_the_magnitude_and_keeps_the_sign():
     x = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 4.0, -0.5, 1e9, -1e9], requires_grad=True)
     expected = [1e6, 1e6, 1e6, -1e6, 0.25, -2.0, 1e-6, -1e-6]

@@ -134,17 +134,8 @@ def test_mixed_valid_slots_average_over_valid_only():
     assert torch.isfinite(task.loss({"track_regression": prediction}, batch)["track_regression"])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only wait on each other (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # 9. a short training loop whose loss decreases
-def test_short_training_loop_decreases_loss(task_name, one_thread):
+def test_short_training_loop_decreases_loss(task_name):
     torch.manual_seed(0)
     batch = synthetic_batch(b=16, seed=6)
     model = make_model(task_name)

@@ -272,7 +272,7 @@ class DatasetReader:
             bad = ~np.isin(link, np.arange(NOISE_LINK, n_tracks))
             if bad.any():
                 raise DataFormatError(
-                    f"{where}: {TRUTH_LINK} value {link[bad][0]!r} at hit {int(np.argmax(bad))} "
+                    f"{where}: {TRUTH_LINK} value {float(link[bad][0])} at hit {int(np.argmax(bad))} "
                     f"outside -1..{n_tracks - 1} (num_tracks={n_tracks})"
                 )
         number = int(block.numbers[i]) if block.numbers is not None else index

@@ -2,7 +2,8 @@
 
 Each op maps (values [b, m, d], weights [b, n, m], selected [b, n, m]) -> [b, n, d]. Weights are
 0 outside the selection. Average and sum are einsums (no [b, n, m, d] tensor); max and min are
-unweighted over the selected hits and 0 when a track has none (never +-inf).
+unweighted over the selected hits, 0 when a track has none (never +-inf), and keep no [b, n, m, d]
+tensor for the backward pass (see numerics.masked_max).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Trainer:
         guard: HealthGuard,
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
         log_every_steps: int = 20,
-        sidecar: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
         is_main: bool = True,
     ):
         self.model = model
@@ -82,7 +82,7 @@ class Trainer:
         self.guard = guard
         self.log = log
         self.log_every_steps = log_every_steps
-        self.sidecar = sidecar or {}
+        self.metadata = metadata or {}
         self.is_main = is_main
         self.state = TrainState()
         self.progress = sys.stderr.isatty()
@@ -225,6 +225,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "nonfinite_steps": self.guard.total,
             "rng": rng_state(),
+            "metadata": self.metadata,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,6 +239,11 @@ class Trainer:
     def save(self, name: str) -> Path:
         path = self.checkpoint_dir / name
         if self.is_main:
-            sidecar = {**self.sidecar, "epoch": self.state.epoch, "finished": self.state.finished}
+            sidecar = {
+                **self.metadata,
+                "epoch": self.state.epoch,
+                "global_step": self.state.global_step,
+                "finished": self.state.finished,
+            }
             save_checkpoint(path, self.state_dict(), sidecar)
         return path

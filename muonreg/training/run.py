@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -53,9 +54,35 @@ def _resume_path(cfg: DictConfig, cfg_hash: str) -> Path | None:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`."""
+    """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`.
+
+    The MLflow run opens right after validation, so any later failure (unreadable data, a
+    non-finite stop) leaves the run FAILED rather than missing.
+    """
     validate(cfg)
     world = distributed.setup()
+    cfg_hash = config_hash(cfg)
+    resume = _resume_path(cfg, cfg_hash)
+    state = load_checkpoint(resume) if resume else None
+    run_context = job_run(cfg, resume_run_id=state["metadata"]["mlflow_run_id"] if state else None)
+    with run_context if world.is_main else contextlib.nullcontext() as run:
+        if run is not None and state is None:
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+            mlflow.set_tags({"config_hash": cfg_hash})
+        best = _train_and_test(cfg, world, state, resume, run, cfg_hash)
+    world.close()
+    return best
+
+
+def _train_and_test(
+    cfg: DictConfig,
+    world: distributed.World,
+    state: dict | None,
+    resume: Path | None,
+    run: mlflow.ActiveRun | None,
+    cfg_hash: str,
+) -> float:
     seed_everything(cfg.seed)
     device = world.device or resolve_device(str(cfg.trainer.device))
     data = build_data(cfg, progress=world.is_main)
@@ -63,11 +90,8 @@ def train(cfg: DictConfig) -> float:
     targets, valid = target_sample(data.datasets["train"], list(cfg.inverse_fields.targets))
     model.regression_task.fit_normalization(targets, valid)
     model.to(device)
-
-    cfg_hash = config_hash(cfg)
-    resume = _resume_path(cfg, cfg_hash)
-    state = load_checkpoint(resume) if resume else None
-    out = output_dir()
+    if run is not None:
+        mlflow.set_tags({"dataset": str(data.path), "device": str(device)})
 
     loaders = build_loaders(cfg, data, device, world.rank, world.size)
     steps = len(loaders["train"].batch_sampler)
@@ -79,72 +103,51 @@ def train(cfg: DictConfig) -> float:
     if cfg.trainer.compile:
         net = torch.compile(net)
 
-    with (
-        job_run(cfg, resume_run_id=state["mlflow_run_id"] if state else None)
-        if world.is_main
-        else _no_run() as run
-    ):
-        run_id = run.info.run_id if run else None
-
-        def log_metrics(metrics: dict[str, float], step: int) -> None:
-            if run is not None:
-                mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-
-        trainer = Trainer(
-            net,
-            optimizer,
-            scheduler,
-            loaders,
-            device=device,
-            amp_dtype=autocast_dtype(device, cfg.trainer.precision),
-            grad_clip=cfg.trainer.grad_clip,
-            max_epochs=cfg.trainer.max_epochs,
-            max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
-            patience=cfg.trainer.early_stopping_patience,
-            monitor=cfg.optimized_metric,
-            checkpoint_dir=out / "checkpoints",
-            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-            guard=HealthGuard(cfg.trainer.max_consecutive_nonfinite, out / "nonfinite"),
-            log=log_metrics,
-            log_every_steps=cfg.trainer.log_every_steps,
-            sidecar={"config_hash": cfg_hash, "mlflow_run_id": run_id},
-            is_main=world.is_main,
-        )
-        if state is not None:
-            trainer.load_state_dict(state)
-            log.info(
-                "resumed from %s at epoch %d, batch %d",
-                resume,
-                trainer.state.epoch,
-                trainer.state.step_in_epoch,
-            )
-        elif run is not None:
-            mlflow.log_params(flatten(cfg))
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-            mlflow.set_tags({"dataset": str(data.path), "config_hash": cfg_hash, "device": str(device)})
-
-        best = trainer.fit()
-
-        best_path = out / "checkpoints" / "best.pt"
-        if best_path.is_file():
-            trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
-        test_metrics, _ = trainer.evaluate("test") if len(data.datasets["test"]) else ({}, None)
-        log_metrics(test_metrics, trainer.state.epoch)
-        log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
         if run is not None:
-            _log_artifacts(cfg, out, best_path)
-    world.close()
+            mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+
+    out = output_dir()
+    trainer = Trainer(
+        net,
+        optimizer,
+        scheduler,
+        loaders,
+        device=device,
+        amp_dtype=autocast_dtype(device, cfg.trainer.precision),
+        grad_clip=cfg.trainer.grad_clip,
+        max_epochs=cfg.trainer.max_epochs,
+        max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
+        patience=cfg.trainer.early_stopping_patience,
+        monitor=cfg.optimized_metric,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
+        guard=HealthGuard(cfg.trainer.max_consecutive_nonfinite, out / "nonfinite"),
+        log=log_metrics,
+        log_every_steps=cfg.trainer.log_every_steps,
+        metadata={
+            "config_hash": cfg_hash,
+            "mlflow_run_id": run.info.run_id if run else None,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+        is_main=world.is_main,
+    )
+    if state is not None:
+        trainer.load_state_dict(state)
+        log.info(
+            "resumed from %s at epoch %d, batch %d", resume, trainer.state.epoch, trainer.state.step_in_epoch
+        )
+    best = trainer.fit()
+
+    best_path = out / "checkpoints" / "best.pt"
+    if best_path.is_file():
+        trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
+    test_metrics, _ = trainer.evaluate("test") if len(data.datasets["test"]) else ({}, None)
+    log_metrics(test_metrics, trainer.state.epoch)
+    log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
+    if run is not None:
+        _log_artifacts(cfg, out, best_path)
     return best
-
-
-class _no_run:
-    """Stand-in for the MLflow run on non-main DDP ranks, which log nothing."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path) -> None:
