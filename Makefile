@@ -26,6 +26,18 @@ data: install
 train: data
 	$(PY) train.py $(ARGS)
 
+sweep: data  # the assignment-threshold study
+	$(PY) train.py -m +experiment=threshold_sweep $(ARGS)
+
+ablation: data  # inverse-pT regression on/off
+	$(PY) train.py -m +experiment=inverse_pt_ablation $(ARGS)
+
+compare: install  # table and plots of the latest sweep, from MLflow
+	$(PY) -m muonreg.compare $(ARGS)
+
+ui: install  # MLflow UI on the project database: http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
@@ -38,9 +50,11 @@ lint: install
 
 bench: install
 	$(PY) bench/simulator_throughput.py
+	$(PY) bench/fit_resolution.py
 	$(PY) bench/loader_throughput.py --workers 0
 	$(PY) bench/loader_throughput.py --workers 2
-	$(PY) bench/fit_resolution.py
+	$(PY) bench/pooling_memory.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf outputs multirun bench/out .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import muonreg.config  # noqa: F401  (registers the ${muonreg.root:} resolver before Hydra composes)
-from muonreg.training import train
+from muonreg.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -114,3 +114,15 @@ def test_flatten_gives_dotted_params():
     assert flat["assignment_threshold"] == "0.2"
     assert flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min']"
     assert flat["paths.root"] == str(project_root())
+
+
+def test_cluster_launcher_config_composes():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 720

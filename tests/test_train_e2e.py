@@ -91,9 +91,11 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
     assert "model" in torch.load(best, weights_only=False)
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_threshold_sweep_makes_a_parent_and_three_children(tmp_path, data_dir, launcher):
-    extra = [] if launcher == "basic" else ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"]
+    extra = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"]}.get(
+        launcher, [f"hydra/launcher={launcher}"]
+    )
     run_train(tmp_path, data_dir, "assignment_threshold=0.1,0.2,0.5", *extra, multirun=True)
     parents, children = split(runs(tmp_path))
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

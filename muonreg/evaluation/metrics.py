@@ -13,6 +13,7 @@ tracks. Resolutions use reconstructed muons only; the core width of a residual i
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import numpy as np
@@ -80,7 +81,7 @@ class TrackRecords:
 
 
 def residuals(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Residuals of reconstructed muons: relative pT, q/pT times pT, eta, phi (mrad)."""
+    """Residuals of reconstructed muons: relative pT, q/pT times pT, eta, phi (mrad), charge agreement."""
     r = {k: v[rows["reco"].astype(bool)] for k, v in rows.items()}
     pt_true, pt_pred = r["true_pt"], r["pred_pt"]
     q_pred = np.where(r["pred_q"] >= 0, 1.0, -1.0)
@@ -93,23 +94,68 @@ def residuals(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def summarise(records: TrackRecords) -> dict[str, float]:
-    rows = records.arrays()
-    n_true = len(rows.get("reco", []))
-    if n_true == 0:
-        return {"track_efficiency": float("nan"), "fake_rate": float("nan")}
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def resolution_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Efficiency and resolutions of a set of truth-muon rows (all, or one bin)."""
+    n = len(rows["reco"])
     res = residuals(rows)
-    matched = rows["pred_valid"].astype(bool)
+    n_reco = len(res["pt_rel"])
+    efficiency = _mean(rows["reco"].astype(float))
+    core = core_width(res["pt_rel"])
     return {
-        "track_efficiency": float(rows["reco"].mean()),
-        "fake_rate": records.predicted_fake / records.predicted if records.predicted else 0.0,
-        "hit_efficiency": float(rows["hit_eff"][matched].mean()) if matched.any() else float("nan"),
-        "hit_purity": float(rows["hit_pur"][matched].mean()) if matched.any() else float("nan"),
-        "pt_resolution": core_width(res["pt_rel"]),
+        "muons": float(n),
+        "track_efficiency": efficiency,
+        # binomial error, and the Gaussian-approximation error of a width estimated from n values
+        "track_efficiency_err": float(np.sqrt(efficiency * (1 - efficiency) / n)) if n else float("nan"),
+        "pt_resolution": core,
+        "pt_resolution_err": core / np.sqrt(2 * n_reco) if n_reco else float("nan"),
         "pt_resolution_rms": rms(res["pt_rel"]),
-        "pt_bias": float(np.median(res["pt_rel"])) if len(res["pt_rel"]) else float("nan"),
+        "pt_bias": float(np.median(res["pt_rel"])) if n_reco else float("nan"),
         "qpt_resolution": core_width(res["qpt_rel"]),
         "eta_resolution": core_width(res["eta"]),
         "phi_resolution_mrad": core_width(res["phi_mrad"]),
-        "charge_accuracy": float(res["charge_ok"].mean()) if len(res["charge_ok"]) else float("nan"),
+        "charge_accuracy": _mean(res["charge_ok"]),
+    }
+
+
+def binned(rows: dict[str, np.ndarray], by: str, edges: list[float]) -> list[dict[str, float]]:
+    """resolution_metrics in bins of true pT (`by="pt"`) or true |eta| (`by="abs_eta"`)."""
+    value = rows["true_pt"] if by == "pt" else np.abs(rows["true_eta"])
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (value >= lo) & (value < hi)
+        out.append({"lo": lo, "hi": hi, **resolution_metrics({k: v[sel] for k, v in rows.items()})})
+    return out
+
+
+def summarise(records: TrackRecords) -> dict[str, float]:
+    """The scalar metrics logged every epoch."""
+    rows = records.arrays()
+    if not rows or len(rows["reco"]) == 0:
+        return {"track_efficiency": float("nan"), "fake_rate": float("nan")}
+    matched = rows["pred_valid"].astype(bool)
+    metrics = resolution_metrics(rows)
+    for key in ("muons", "track_efficiency_err", "pt_resolution_err"):
+        metrics.pop(key)
+    return {
+        **metrics,
+        "fake_rate": records.predicted_fake / records.predicted if records.predicted else 0.0,
+        "hit_efficiency": _mean(rows["hit_eff"][matched]),
+        "hit_purity": _mean(rows["hit_pur"][matched]),
+    }
+
+
+def fit_rows(fit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows in TrackRecords' layout from a least-squares fit of truth hits (muonreg.data.fit.fit_events)."""
+    ok = fit["ok"].astype(bool)
+    return {
+        "reco": ok,
+        "pred_valid": ok,
+        "hit_eff": np.ones(len(ok)),
+        "hit_pur": np.ones(len(ok)),
+        **{f"true_{f}": fit[f"{f}_true"] for f in FIELDS},
+        **{f"pred_{f}": fit[f] for f in FIELDS},
     }

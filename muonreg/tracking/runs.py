@@ -17,16 +17,24 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from muonreg.config import project_root
+
 PARENT_FILE = "mlflow_parent_run_id"  # written into a multirun's sweep dir by the sweep callback
 
 
-def tracking_uri(cfg: DictConfig) -> str:
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite database at the project root (or `root`)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    if cfg.tracking.uri:
+    return f"sqlite:///{Path(root or project_root()).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The environment wins, then `tracking.uri`, then `<paths.root>/mlflow.db`."""
+    if cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         return str(cfg.tracking.uri)
-    return f"sqlite:///{Path(cfg.paths.root).resolve() / 'mlflow.db'}"
+    return default_tracking_uri(cfg.paths.root)
 
 
 def setup_experiment(cfg: DictConfig) -> str:

@@ -1,5 +1,4 @@
-"""Training: the loop, optimisation, checkpoints, the health guard and data parallelism."""
+"""Training: the loop, optimisation, checkpoints, the health guard and data parallelism.
 
-from muonreg.training.run import train
-
-__all__ = ["train"]
+The entry point is `muonreg.training.run.train(cfg)`.
+"""

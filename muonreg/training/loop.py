@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from muonreg.evaluation.metrics import TrackRecords, summarise
+from muonreg.evaluation.inference import evaluate, forward_loss, unwrap
+from muonreg.evaluation.metrics import TrackRecords
 from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from muonreg.training.device import autocast, to_device
+from muonreg.training.device import to_device
 from muonreg.training.health import HealthGuard
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,6 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the monitored metric last improved
     finished: bool = False
-
-
-def _float_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Losses and matching always in float32, whatever precision the forward pass ran in."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
 
 
 class Trainer:
@@ -70,7 +66,7 @@ class Trainer:
         is_main: bool = True,
     ):
         self.model = model
-        self.core = model.module if hasattr(model, "module") else model  # unwrap DDP / compile wrappers
+        self.core = unwrap(model)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loaders = loaders
         self.device, self.amp_dtype = device, amp_dtype
@@ -88,16 +84,10 @@ class Trainer:
         self.progress = sys.stderr.isatty()
 
     # -- one step -----------------------------------------------------------------------------
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-        with autocast(self.device, self.amp_dtype):
-            outputs = self.model(batch)
-        outputs = _float_outputs(outputs)
-        return outputs, self.core.loss(outputs, batch)
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """One optimiser step; returns the loss components, or None when the step was skipped."""
         self.model.train()
-        _, losses = self._forward_loss(batch)
+        _, losses = forward_loss(self.model, batch, self.device, self.amp_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -160,27 +150,9 @@ class Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, split: str) -> tuple[dict[str, float], TrackRecords]:
         """Mean losses and tracking metrics of a split, with the per-muon records behind them."""
-        self.model.eval()
-        sums: dict[str, float] = defaultdict(float)
-        records = TrackRecords()
-        n = 0
-        loader = self.loaders[split]
-        loader.batch_sampler.set_epoch(0)
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            outputs, losses = self._forward_loss(batch)
-            size = len(batch["event_index"])
-            for k, v in losses.items():
-                sums[k] += float(v) * size
-            n += size
-            aligned = self.core.align(outputs, self.core.match(outputs, batch))
-            records.update(self.core.predict(aligned, batch["hit_valid"]), batch)
-        metrics = {f"{split}/{k}": v / max(n, 1) for k, v in sums.items()}
-        metrics.update({f"{split}/{k}": v for k, v in summarise(records).items()})
-        return metrics, records
+        return evaluate(self.model, self.loaders[split], self.device, self.amp_dtype, prefix=split)
 
     def fit(self) -> float:
         """Train until max_epochs or early stopping; return the best monitored value."""

@@ -14,6 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import flatten, validate
+from muonreg.evaluation.reference import fit_reference
+from muonreg.evaluation.report import write_report
 from muonreg.tracking.runs import job_run
 from muonreg.training import distributed
 from muonreg.training.checkpoint import config_hash, find_resumable, load_checkpoint
@@ -142,17 +144,33 @@ def _train_and_test(
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
-    test_metrics, _ = trainer.evaluate("test") if len(data.datasets["test"]) else ({}, None)
-    log_metrics(test_metrics, trainer.state.epoch)
-    log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
+    test = data.datasets["test"]
+    if len(test):
+        test_metrics, records = trainer.evaluate("test")
+        if world.is_main:
+            reference = (
+                fit_reference(test.reader, test.indices, cfg.paths.data)
+                if cfg.evaluation.fit_reference
+                else None
+            )
+            fit_metrics = write_report(
+                out / "evaluation",
+                records.arrays(),
+                reference,
+                list(cfg.evaluation.pt_bins),
+                list(cfg.evaluation.eta_bins),
+            )
+            test_metrics.update({f"test/{k}": v for k, v in fit_metrics.items()})
+        log_metrics(test_metrics, trainer.state.epoch)
+        log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
     if run is not None:
         _log_artifacts(cfg, out, best_path)
     return best
 
 
 def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path) -> None:
-    hydra_dir = out / ".hydra"
-    if hydra_dir.is_dir():
-        mlflow.log_artifacts(str(hydra_dir), ".hydra")
+    for name in (".hydra", "evaluation"):
+        if (out / name).is_dir():
+            mlflow.log_artifacts(str(out / name), name)
     if cfg.tracking.log_checkpoint and best_path.is_file():
         mlflow.log_artifact(str(best_path), "checkpoints")

@@ -1,0 +1,224 @@
+"""Compare the runs of a sweep from MLflow: `python -m muonreg.compare [--parent ID | --experiment NAME ...]`.
+
+By default the latest sweep (the newest parent run made by a multirun). One row per combination
+of the swept parameters, with the mean and spread over seeds of the key test metrics, and how
+many of its runs FINISHED, FAILED or are still RUNNING (failed rows are shown, not dropped). Plots
+show each metric against each numeric swept parameter. The report (Markdown, CSV, PNG) is
+written to --out and logged to the sweep's parent run. Works on the SQLite store and on an
+`mlflow server` alike (--tracking-uri or MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from muonreg.config import project_root
+from muonreg.tracking.runs import default_tracking_uri
+
+METRICS = (
+    ("test/pt_resolution", "σ(pT)/pT core"),
+    ("test/qpt_resolution", "σ(q/pT)·pT core"),
+    ("test/pt_resolution_rms", "σ(pT)/pT RMS"),
+    ("test/track_efficiency", "efficiency"),
+    ("test/fake_rate", "fake rate"),
+    ("test/hit_purity", "hit purity"),
+    ("test/hit_efficiency", "hit efficiency"),
+    ("test/charge_accuracy", "charge acc."),
+    ("test/eta_resolution", "σ(η)"),
+    ("test/phi_resolution_mrad", "σ(φ) mrad"),
+    ("test/fit_pt_resolution", "LSQ fit σ(pT)/pT"),
+)
+PLOTTED = ("test/pt_resolution", "test/qpt_resolution", "test/track_efficiency", "test/hit_purity")
+IGNORED_PARAMS = ("paths.", "tracking.", "resume")  # where a run logged, not what it computed
+SEED = "seed"
+
+
+def latest_sweep(client: MlflowClient) -> Run:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
+        experiments,
+        filter_string="tags.`muonreg.role` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        raise SystemExit(
+            "no sweep found in this MLflow store: run `python train.py -m ...` first, or give --experiment"
+        )
+    return found[0]
+
+
+def select_runs(
+    client: MlflowClient, parent: str | None = None, experiment: str | None = None, filter_string: str = ""
+) -> tuple[Run | None, list[Run]]:
+    """(parent run or None, the runs to compare)."""
+    if parent is None and (experiment or filter_string):
+        if experiment:
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise SystemExit(f"no experiment named {experiment!r} in this MLflow store")
+            ids = [found.experiment_id]
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string)
+        return None, [r for r in runs if r.data.tags.get("muonreg.role") != "sweep"]
+    root = client.get_run(parent) if parent else latest_sweep(client)
+    children_filter = f"tags.mlflow.parentRunId = '{root.info.run_id}'"
+    if filter_string:
+        children_filter += f" and {filter_string}"
+    return root, client.search_runs([root.info.experiment_id], filter_string=children_filter)
+
+
+def varied(runs: list[Run]) -> list[str]:
+    """Params whose value differs between runs (what the sweep changed), seed last."""
+    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(IGNORED_PARAMS)})
+    out = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != SEED]
+    return out + ([SEED] if len({r.data.params.get(SEED) for r in runs}) > 1 else [])
+
+
+def table(runs: list[Run], swept: list[str]) -> list[dict]:
+    """One row per combination of swept values (seeds pooled): statuses, mean and std of each metric."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    keys = [k for k in swept if k != SEED]
+    for run in runs:
+        groups[tuple(run.data.params.get(k, "") for k in keys)].append(run)
+    rows = []
+    for values, members in sorted(groups.items()):
+        status = defaultdict(int)
+        for run in members:
+            status[run.info.status] += 1
+        done = [r for r in members if r.info.status == "FINISHED"]
+        row = {
+            **dict(zip(keys, values, strict=True)),
+            "runs": len(members),
+            "status": ", ".join(f"{n} {s}" for s, n in sorted(status.items())),
+        }
+        for metric, _ in METRICS:
+            values_ = [r.data.metrics[metric] for r in done if metric in r.data.metrics]
+            row[metric] = float(np.mean(values_)) if values_ else math.nan
+            row[f"{metric} std"] = float(np.std(values_, ddof=1)) if len(values_) > 1 else math.nan
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, metric: str) -> str:
+    mean, std = row[metric], row[f"{metric} std"]
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.4g} ± {std:.2g}" if not math.isnan(std) else f"{mean:.4g}"
+
+
+def markdown(rows: list[dict], swept: list[str], title: str) -> str:
+    keys = [k for k in swept if k != SEED]
+    head = [*keys, "runs", "status", *[name for _, name in METRICS]]
+    lines = [f"## {title}", "", "Mean ± standard deviation over seeds (FINISHED runs only).", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = (
+            [str(row[k]) for k in keys]
+            + [str(row["runs"]), row["status"]]
+            + [_cell(row, m) for m, _ in METRICS]
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
+    """For each numeric swept parameter: the key metrics against it, one line per other combination."""
+    keys = [k for k in swept if k != SEED]
+    paths = []
+    for x in keys:
+        if any(_number(r[x]) is None for r in rows):
+            continue
+        others = [k for k in keys if k != x]
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+        for ax, metric in zip(axes.flat, PLOTTED, strict=True):
+            lines: dict[tuple, list[dict]] = defaultdict(list)
+            for r in rows:
+                lines[tuple(r[k] for k in others)].append(r)
+            for label, members in sorted(lines.items()):
+                members = sorted(members, key=lambda r: _number(r[x]))
+                ax.errorbar(
+                    [_number(r[x]) for r in members],
+                    [r[metric] for r in members],
+                    yerr=[0 if math.isnan(r[f"{metric} std"]) else r[f"{metric} std"] for r in members],
+                    marker="o",
+                    capsize=3,
+                    label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)) or None,
+                )
+            ax.set_xlabel(x)
+            ax.set_ylabel(dict(METRICS)[metric])
+            ax.grid(alpha=0.3)
+            if others:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"test metrics against {x} (mean ± std over seeds)")
+        fig.tight_layout()
+        path = out / f"compare_{x.replace('/', '_')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def compare(
+    tracking_uri: str | None = None,
+    parent: str | None = None,
+    experiment: str | None = None,
+    filter_string: str = "",
+    out: str | Path | None = None,
+) -> tuple[list[dict], Path]:
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    root, runs = select_runs(client, parent, experiment, filter_string)
+    if not runs:
+        raise SystemExit("no runs match this selection")
+    swept = varied(runs)
+    rows = table(runs, swept)
+    name = root.info.run_id[:8] if root else (experiment or "selection")
+    out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    title = root.info.run_name if root else f"runs of {experiment or filter_string}"
+    (out / "compare.md").write_text(markdown(rows, swept, title))
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, swept, out)
+    if root is not None:
+        client.log_artifacts(root.info.run_id, str(out), "comparison")
+    return rows, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m muonreg.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the project's mlflow.db")
+    parser.add_argument("--parent", help="the parent run id of a sweep (default: the latest sweep)")
+    parser.add_argument("--experiment", help="compare all runs of this experiment instead")
+    parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"params.seed = '0'\"")
+    parser.add_argument("--out", type=Path, help="report directory (default: reports/compare-<parent>)")
+    args = parser.parse_args(argv)
+    _, out = compare(args.tracking_uri, args.parent, args.experiment, args.filter, args.out)
+    print((out / "compare.md").read_text())
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()

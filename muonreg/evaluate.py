@@ -1,0 +1,98 @@
+"""Evaluate a trained model on a split: `python -m muonreg.evaluate --checkpoint PATH | --run-id ID`.
+
+Rebuilds data and model from the configuration stored in the checkpoint, evaluates (efficiency,
+fake rate, hit efficiency and purity, residuals and resolutions, in bins of pT and |eta|) beside
+the least-squares fit of the same muons, and writes tables and plots. With `--run-id` the best
+checkpoint is fetched from that MLflow run and the report is logged back to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import mlflow
+from omegaconf import OmegaConf
+
+import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
+from muonreg.evaluation.inference import evaluate
+from muonreg.evaluation.reference import fit_reference
+from muonreg.evaluation.report import write_report
+from muonreg.training.checkpoint import load_checkpoint
+from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.setup import build_data, build_loaders, build_model
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    device: str = "auto",
+    reference: bool = True,
+) -> tuple[dict[str, float], Path]:
+    """Evaluate a checkpoint written by training; return (metrics, report directory)."""
+    state = load_checkpoint(checkpoint)
+    cfg = OmegaConf.create(state["metadata"]["config"])
+    data = build_data(cfg)
+    model = build_model(cfg, data.features)
+    model.load_state_dict(state["model"])
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = build_loaders(cfg, data, dev)[split]
+    metrics, records = evaluate(model, loader, dev, autocast_dtype(dev, cfg.trainer.precision), prefix=split)
+    dataset = data.datasets[split]
+    fit = fit_reference(dataset.reader, dataset.indices, cfg.paths.data) if reference else None
+    report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{split}"
+    fit_metrics = write_report(
+        report, records.arrays(), fit, list(cfg.evaluation.pt_bins), list(cfg.evaluation.eta_bins)
+    )
+    metrics.update({f"{split}/{k}": v for k, v in fit_metrics.items()})
+    return metrics, report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m muonreg.evaluate", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint written by training (best.pt or last.pt)"
+    )
+    source.add_argument(
+        "--run-id", help="an MLflow run whose best checkpoint to evaluate; the report is logged to it"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project database)"
+    )
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test")
+    parser.add_argument("--out", type=Path, help="report directory (default: beside the checkpoint)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-reference", action="store_true", help="skip the least-squares fit reference")
+    args = parser.parse_args(argv)
+    if args.run_id:
+        from muonreg.tracking.runs import default_tracking_uri
+
+        mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
+            )
+            metrics, report = evaluate_checkpoint(
+                path, args.split, args.out or Path(tmp) / "report", args.device, not args.no_reference
+            )
+            with mlflow.start_run(run_id=args.run_id):
+                mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+                mlflow.log_artifacts(str(report), f"evaluation-{args.split}")
+            if args.out is None:
+                print(f"report logged to run {args.run_id} as evaluation-{args.split}/")
+    else:
+        metrics, report = evaluate_checkpoint(
+            args.checkpoint, args.split, args.out, args.device, not args.no_reference
+        )
+    for key, value in sorted(metrics.items()):
+        print(f"{key}: {value:.5g}")
+    if args.out or not args.run_id:
+        print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

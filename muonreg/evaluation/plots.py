@@ -1,0 +1,86 @@
+"""Slide-ready plots of an evaluation: the network beside the least-squares fit reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed on clusters
+import matplotlib.pyplot as plt
+import numpy as np
+
+from muonreg.evaluation.metrics import core_width
+
+STYLE = {"network": {"color": "C0", "marker": "o"}, "least-squares fit": {"color": "C3", "marker": "s"}}
+RESIDUALS = (
+    ("pt_rel", r"$(p_T^{pred} - p_T^{true}) / p_T^{true}$", (-0.5, 0.5)),
+    ("qpt_rel", r"$(q/p_T^{pred} - q/p_T^{true}) \cdot p_T^{true}$", (-0.5, 0.5)),
+    ("eta", r"$\eta^{pred} - \eta^{true}$", (-0.1, 0.1)),
+    ("phi_mrad", r"$\phi^{pred} - \phi^{true}$ [mrad]", (-50, 50)),
+)
+
+
+def residual_histograms(residuals: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for ax, (key, label, limits) in zip(axes.flat, RESIDUALS, strict=True):
+        bins = np.linspace(*limits, 61)
+        for method, res in residuals.items():
+            x = res[key]
+            if len(x) == 0:  # nothing reconstructed (e.g. an untrained network): no curve
+                continue
+            ax.hist(
+                np.clip(x, *limits),
+                bins=bins,
+                histtype="step",
+                density=True,
+                color=STYLE[method]["color"],
+                label=f"{method}: 68% core {core_width(x):.3g} ({len(x)} muons)",
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel("muons (normalised)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Residuals on the test set (values beyond the range in the edge bins)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def versus(
+    tables: dict[str, list[dict]],
+    key: str,
+    error: str | None,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    log_x: bool,
+) -> Path:
+    """A metric per bin (points at bin centres, horizontal bars = bin widths, vertical = errors)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, rows in tables.items():
+        lo, hi = np.array([r["lo"] for r in rows]), np.array([r["hi"] for r in rows])
+        centre = np.sqrt(lo * hi) if log_x else (lo + hi) / 2
+        y = np.array([r[key] for r in rows])
+        yerr = np.array([r[error] for r in rows]) if error else None
+        ax.errorbar(
+            centre,
+            y,
+            xerr=[centre - lo, hi - centre],
+            yerr=yerr,
+            linestyle="none",
+            label=method,
+            capsize=2,
+            **STYLE[method],
+        )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

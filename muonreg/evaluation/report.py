@@ -1,0 +1,112 @@
+"""An evaluation report: tables (Markdown and CSV) and plots, the network beside the least-squares fit.
+
+Every number of the network is shown next to the classical MS-standalone fit of the same test
+muons' truth hits (muonreg.data.fit), so a result always reads against that reference.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from muonreg.evaluation import plots
+from muonreg.evaluation.metrics import binned, residuals, resolution_metrics
+
+COLUMNS = (
+    ("muons", "muons", "{:.0f}"),
+    ("track_efficiency", "efficiency", "{:.3f}"),
+    ("track_efficiency_err", "eff. err", "{:.3f}"),
+    ("pt_resolution", "σ(pT)/pT core", "{:.4f}"),
+    ("pt_resolution_err", "err", "{:.4f}"),
+    ("pt_resolution_rms", "σ(pT)/pT RMS", "{:.4f}"),
+    ("pt_bias", "pT bias", "{:+.4f}"),
+    ("qpt_resolution", "σ(q/pT)·pT core", "{:.4f}"),
+    ("charge_accuracy", "charge acc.", "{:.4f}"),
+    ("eta_resolution", "σ(η)", "{:.4f}"),
+    ("phi_resolution_mrad", "σ(φ) mrad", "{:.2f}"),
+)
+
+
+def _tables(
+    rows: dict[str, np.ndarray], pt_edges: list[float], eta_edges: list[float]
+) -> dict[str, list[dict]]:
+    return {
+        "all": [{"lo": float("nan"), "hi": float("nan"), **resolution_metrics(rows)}],
+        "pT [GeV]": binned(rows, "pt", pt_edges),
+        "abs(eta)": binned(rows, "abs_eta", eta_edges),
+    }
+
+
+def _markdown(tables: dict[str, dict[str, list[dict]]]) -> str:
+    lines = []
+    for binning in ("all", "pT [GeV]", "abs(eta)"):
+        lines += [f"### {binning if binning != 'all' else 'All test muons'}", ""]
+        head = ["method", *([] if binning == "all" else [binning])] + [name for _, name, _ in COLUMNS]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, by in tables.items():
+            for row in by[binning]:
+                cells = [method] + ([] if binning == "all" else [f"{row['lo']:g}-{row['hi']:g}"])
+                cells += [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    network: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray] | None,
+    pt_edges: list[float],
+    eta_edges: list[float],
+) -> dict[str, float]:
+    """Write tables and plots into `out_dir`; return the reference's overall metrics (prefixed `fit_`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = {"network": network, **({"least-squares fit": reference} if reference is not None else {})}
+    tables = {m: _tables(rows, pt_edges, eta_edges) for m, rows in methods.items()}
+    (out / "resolution.md").write_text(_markdown(tables))
+    with open(out / "resolution.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "binning", "lo", "hi", *[k for k, _, _ in COLUMNS]])
+        for method, by in tables.items():
+            for binning, rows in by.items():
+                for row in rows:
+                    writer.writerow([method, binning, row["lo"], row["hi"], *[row[k] for k, _, _ in COLUMNS]])
+    plots.residual_histograms({m: residuals(rows) for m, rows in methods.items()}, out / "residuals.png")
+    by_pt = {m: t["pT [GeV]"] for m, t in tables.items()}
+    by_eta = {m: t["abs(eta)"] for m, t in tables.items()}
+    plots.versus(
+        by_pt,
+        "pt_resolution",
+        "pt_resolution_err",
+        r"true $p_T$ [GeV]",
+        r"$\sigma(p_T)/p_T$ (68% core)",
+        out / "resolution_vs_pt.png",
+        log_x=True,
+    )
+    plots.versus(
+        by_eta,
+        "pt_resolution",
+        "pt_resolution_err",
+        r"true $|\eta|$",
+        r"$\sigma(p_T)/p_T$ (68% core)",
+        out / "resolution_vs_eta.png",
+        log_x=False,
+    )
+    plots.versus(
+        {"network": by_pt["network"]},
+        "track_efficiency",
+        "track_efficiency_err",
+        r"true $p_T$ [GeV]",
+        "track efficiency",
+        out / "efficiency_vs_pt.png",
+        log_x=True,
+    )
+    if reference is None:
+        return {}
+    overall = tables["least-squares fit"]["all"][0]
+    return {
+        f"fit_{k}": v for k, v in overall.items() if k in dict((c[0], c) for c in COLUMNS) and k != "muons"
+    }
