@@ -48,7 +48,7 @@ def main() -> None:
             f"noise fraction {(rows[:, LINK] < 0).mean():.3f}"
         )
     hits, tracks = samples["default"]
-    print("\n| muon |eta| | muons | hits/muon | MDT | RPC | TGC |")
+    print("\n| muon abs(eta) | muons | true hits/muon | MDT | RPC | TGC |")
     print("|---|---|---|---|---|---|")
     for lo, hi in ((0.0, 1.05), (1.05, 2.0), (2.0, 2.7)):
         per_muon, tech = [], []

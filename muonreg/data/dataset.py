@@ -224,6 +224,7 @@ def make_loader(
         rank=rank,
         world_size=world_size,
     )
+    dataset.reader.reserve_cache(sampler.pool)  # each worker keeps a whole pool's blocks
     return DataLoader(
         dataset,
         batch_sampler=sampler,

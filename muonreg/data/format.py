@@ -30,7 +30,7 @@ from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_
 METADATA = "metadata.yaml"
 FILE_INDICES = "event_file_indices.npy"
 ROW_INDICES = "event_row_indices.npy"
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 64, 1024  # rows read at once: a block is the file's chunk height
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 256, 1024  # rows read at once: the file's chunk height, within these bounds
 
 
 class DataFormatError(ValueError):
@@ -78,7 +78,7 @@ class DatasetReader:
         required_hit_features: Iterable[str] = (TRUTH_LINK,),
         required_track_features: Iterable[str] = TRACK_FEATURES,
         max_tracks: int | None = None,
-        cache_blocks: int = 12,
+        cache_blocks: int = 4,
     ):
         self.path = Path(path)
         self.cache_blocks = cache_blocks
@@ -202,6 +202,10 @@ class DatasetReader:
         """Rows read together from a file: its HDF5 chunk height (gzip decompresses whole chunks)."""
         rows = self._open(file_idx)["hits"].chunks
         return int(np.clip(rows[0], MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)) if rows else MIN_BLOCK_ROWS
+
+    def reserve_cache(self, events: int) -> None:
+        """Keep enough blocks for `events` consecutive events (a sampler's pool) plus the seams."""
+        self.cache_blocks = max(self.cache_blocks, -(-events // MIN_BLOCK_ROWS) + 2)
 
     def block_ids(self, indices: np.ndarray | None = None) -> np.ndarray:
         """An id per event (all, or `indices`) shared by the events read in one block."""

@@ -19,7 +19,7 @@ from muonreg.evaluation.report import write_report
 from muonreg.tracking.runs import job_run
 from muonreg.training import distributed
 from muonreg.training.checkpoint import config_hash, find_resumable, load_checkpoint
-from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.device import autocast_dtype, release_freed_memory, resolve_device
 from muonreg.training.health import HealthGuard
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> float:
     non-finite stop) leaves the run FAILED rather than missing.
     """
     validate(cfg)
+    release_freed_memory()
     world = distributed.setup()
     cfg_hash = config_hash(cfg)
     resume = _resume_path(cfg, cfg_hash)
@@ -103,7 +104,7 @@ def _train_and_test(
     scheduler = build_scheduler(optimizer, steps * cfg.trainer.max_epochs)
     net = world.wrap(model)
     if cfg.trainer.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, dynamic=True)  # batch shapes vary with hit counts
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         if run is not None:
