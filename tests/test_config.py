@@ -126,3 +126,19 @@ def test_cluster_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 720
+
+
+@pytest.mark.parametrize("experiment", ["threshold_sweep", "inverse_pt_ablation", "full_grid"])
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_named_studies_compose_with_both_budgets(experiment, budget):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[f"+experiment={experiment}", f"budget={budget}"],
+            return_hydra_config=True,
+        )
+    validate(cfg)
+    assert cfg.tracking.experiment == experiment
+    assert "seed" in cfg.hydra.sweeper.params
+    assert cfg.trainer.batch_size == (200 if budget == "gpu" else 100)
+    assert cfg.data.simulation.events == (1_000_000 if budget == "gpu" else 30_000)

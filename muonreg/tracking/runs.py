@@ -89,4 +89,8 @@ def job_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[mlflo
     with mlflow.start_run(
         parent_run_id=None if resume_run_id else parent_run_id(sweep_dir), tags=tags, **kwargs
     ) as run:
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C or a scheduler's SIGTERM: stopped, not broken
+            mlflow.end_run("KILLED")
+            raise

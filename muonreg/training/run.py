@@ -6,6 +6,8 @@ import contextlib
 import logging
 import math
 import random
+import signal
+import threading
 from pathlib import Path
 
 import mlflow
@@ -55,6 +57,17 @@ def _resume_path(cfg: DictConfig, cfg_hash: str) -> Path | None:
     return Path(str(cfg.resume))
 
 
+def _interrupt_on_sigterm() -> None:
+    """Batch schedulers stop jobs with SIGTERM: turn it into KeyboardInterrupt, so the MLflow run
+    ends KILLED (not RUNNING forever) and `resume=auto` continues from the last checkpoint."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def train(cfg: DictConfig) -> float:
     """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`.
 
@@ -62,6 +75,7 @@ def train(cfg: DictConfig) -> float:
     non-finite stop) leaves the run FAILED rather than missing.
     """
     validate(cfg)
+    _interrupt_on_sigterm()
     release_freed_memory()
     world = distributed.setup()
     cfg_hash = config_hash(cfg)
