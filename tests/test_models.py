@@ -50,8 +50,8 @@ def test_query_with_no_claimed_hit_attends_to_all_valid_hits():
     decoder = Decoder(dim=16, layers=2, heads=4, num_queries=2)
     hits = torch.randn(3, 10, 16)
     hit_valid = torch.arange(10) < torch.tensor([[10], [6], [3]])
-    nothing = decoder(hits, hit_valid, lambda q: torch.zeros(3, 2, 10, dtype=torch.bool))
-    everything = decoder(hits, hit_valid, lambda q: torch.ones(3, 2, 10, dtype=torch.bool))
+    nothing = decoder(hits, hit_valid, lambda q: torch.zeros(3, 2, 10, dtype=torch.bool))[-1]
+    everything = decoder(hits, hit_valid, lambda q: torch.ones(3, 2, 10, dtype=torch.bool))[-1]
     assert torch.isfinite(nothing).all()
     torch.testing.assert_close(nothing, everything)
 
@@ -158,3 +158,21 @@ def test_fewer_queries_than_truth_slots_is_a_clear_error():
     batch = synthetic_batch()
     with pytest.raises(ValueError, match=r"2 truth slots but only num_queries=1"):
         model.loss(model(batch), batch)
+
+
+def test_auxiliary_losses_supervise_earlier_decoder_layers_in_training_only():
+    torch.manual_seed(0)
+    model = make_model()
+    model.aux_loss = True
+    batch = synthetic_batch(seed=5)
+    batch["particle_valid"][0, 0] = True
+    losses = model.loss(model(batch), batch)
+    assert "aux_loss" in losses and torch.isfinite(losses["aux_loss"]) and losses["aux_loss"] > 0
+    main = sum(losses[k] for k in ("track_valid_bce", "track_hit_bce", "track_regression"))
+    torch.testing.assert_close(losses["loss"], main + losses["aux_loss"])
+    losses["aux_loss"].backward()
+    first_layer = model.decoder.layers[0].cross.q.weight.grad
+    assert first_layer is not None and first_layer.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert "aux_loss" not in model.loss(model(batch), batch)  # validation loss: the final layer only

@@ -24,10 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
-from muonreg.data.schema import TRUTH_LINK
+from muonreg.data.schema import QPT, TRUTH_LINK
 from muonreg.numerics import safe_inverse
-
-QPT = "truthMuon_qpt"  # derived target q/pT (GeV^-1): the signed curvature
 
 
 class MuonEventDataset(Dataset):

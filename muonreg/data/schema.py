@@ -31,6 +31,7 @@ HIT_FEATURES: tuple[str, ...] = (
 
 TRACK_FEATURES: tuple[str, ...] = ("truthMuon_pt", "truthMuon_eta", "truthMuon_phi", "truthMuon_q")
 
+QPT = "truthMuon_qpt"  # derived target q/pT (GeV^-1): the signed curvature, not stored on disk
 TRUTH_LINK = "spacePoint_truthLink"
 NOISE_LINK = -1
 

@@ -41,12 +41,17 @@ class Decoder(nn.Module):
         hits: torch.Tensor,
         hit_valid: torch.Tensor,
         claimed: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """`claimed(q)` -> bool [b, n, m]: the hits each query may attend to, judged on the current
-        (normalised) queries by the same heads that make the final hit assignment."""
+    ) -> list[torch.Tensor]:
+        """The (normalised) queries after each layer; the last entry is the decoder's output.
+
+        `claimed(q)` -> bool [b, n, m]: the hits each query may attend to, judged on the current
+        (normalised) queries by the same heads that make the final hit assignment.
+        """
         q = self.queries.unsqueeze(0).expand(hits.shape[0], -1, -1).to(hits.dtype)
+        states = []
         for layer in self.layers:
             with torch.no_grad():
                 mask = attendable(claimed(self.norm(q)) & hit_valid.unsqueeze(1), hit_valid)
             q = layer(q, hits, mask)
-        return self.norm(q)
+            states.append(self.norm(q))
+        return states

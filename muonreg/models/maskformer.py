@@ -43,6 +43,7 @@ class MaskFormer(nn.Module):
         hit_mask_task: ObjectHitMaskTask,
         regression_task: RegressionTask,
         matcher: Matcher | None = None,
+        aux_loss: bool = False,
     ):
         super().__init__()
         # The input net sees every feature value and its validity flag: 2 * input_size inputs.
@@ -52,6 +53,7 @@ class MaskFormer(nn.Module):
         self.valid_task, self.hit_mask_task, self.regression_task = valid_task, hit_mask_task, regression_task
         self.num_queries, self.mask_threshold = num_queries, mask_threshold
         self.matcher = matcher or Matcher()
+        self.aux_loss = aux_loss
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hit_x_valid, hit_valid = batch["hit_x_valid"], batch["hit_valid"]
@@ -59,10 +61,15 @@ class MaskFormer(nn.Module):
         hit_x = torch.where(hit_x_valid, batch["hit_x"], 0.0)
         x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
         hits = self.encoder(x, hit_valid)
-        query = self.decoder(
+        states = self.decoder(
             hits, hit_valid, lambda q: self.hit_mask_task.claimed(q, hits, self.mask_threshold)
         )
+        query = states[-1]
         outputs = {"query_embed": query, "hit_embed": hits}
+        if self.aux_loss and self.training:  # deep supervision of the earlier decoder layers
+            for i, state in enumerate(states[:-1]):
+                outputs[f"aux{i}_valid_logit"] = self.valid_task(state)["track_valid_logit"]
+                outputs[f"aux{i}_hit_logit"] = self.hit_mask_task(state, hits)["track_hit_logit"]
         outputs.update(self.valid_task(query))
         outputs.update(self.hit_mask_task(query, hits))
         outputs.update(
@@ -125,7 +132,30 @@ class MaskFormer(nn.Module):
         ]
         losses = {name: value for _, part in parts for name, value in part.items()}
         losses["loss"] = sum(weight * value for weight, part in parts for value in part.values())
+        aux_layers = [i for i in range(len(self.decoder.layers) - 1) if f"aux{i}_valid_logit" in outputs]
+        if aux_layers:
+            losses["aux_loss"] = sum(self._aux_loss(outputs, batch, truth, i) for i in aux_layers) / len(
+                aux_layers
+            )
+            losses["loss"] = losses["loss"] + losses["aux_loss"]
         return losses
+
+    def _aux_loss(
+        self,
+        outputs: dict[str, torch.Tensor],
+        batch: dict[str, torch.Tensor],
+        truth: dict[str, torch.Tensor],
+        i: int,
+    ) -> torch.Tensor:
+        """Validity and hit-mask loss of decoder layer i's queries, matched on their own."""
+        layer = {
+            "track_valid_logit": outputs[f"aux{i}_valid_logit"],
+            "track_hit_logit": outputs[f"aux{i}_hit_logit"],
+        }
+        aligned = self.align(layer, self.match(layer, batch))
+        valid = self.valid_task.loss(aligned, truth)["track_valid_bce"]
+        mask = self.hit_mask_task.loss(aligned, truth, batch["hit_valid"])["track_hit_bce"]
+        return self.valid_task.loss_weight * valid + self.hit_mask_task.loss_weight * mask
 
     def predict(self, outputs: dict[str, torch.Tensor], hit_valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """Track validity, hit assignment and parameters in physical units."""

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muonreg.data.schema import QPT
 from muonreg.models.layers import mlp
 from muonreg.numerics import masked_mean, safe_inverse
-
-QPT = "truthMuon_qpt"
 
 
 class TargetSpace(nn.Module):

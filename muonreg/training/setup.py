@@ -14,6 +14,7 @@ from muonreg.data.cache import dataset_path
 from muonreg.data.dataset import MuonEventDataset, make_loader, split_indices
 from muonreg.data.features import DEFAULT_SCALES, HitFeatures
 from muonreg.data.format import DatasetReader
+from muonreg.data.schema import QPT
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer, Matcher
 from muonreg.tasks import (
@@ -37,7 +38,7 @@ class RunData:
 def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
     path = dataset_path(cfg, progress=progress)
     targets = list(dict.fromkeys([*cfg.inverse_fields.targets, *EVAL_TARGETS]))
-    reader = DatasetReader(path, required_track_features=[t for t in targets if t != "truthMuon_qpt"])
+    reader = DatasetReader(path, required_track_features=[t for t in targets if t != QPT])
     try:
         features = HitFeatures(
             feature_names(cfg),
@@ -118,6 +119,7 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
         hit_mask_task=ObjectHitMaskTask(m.dim, **m.hit_mask),
         regression_task=regression,
         matcher=Matcher(m.matcher),
+        aux_loss=m.aux_loss,
     )
 
 
