@@ -111,7 +111,7 @@ def resolution_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
         # binomial error, and the Gaussian-approximation error of a width estimated from n values
         "track_efficiency_err": float(np.sqrt(efficiency * (1 - efficiency) / n)) if n else float("nan"),
         "pt_resolution": core,
-        "pt_resolution_err": core / np.sqrt(2 * n_reco) if n_reco else float("nan"),
+        "pt_resolution_err": float(core / np.sqrt(2 * n_reco)) if n_reco else float("nan"),
         "pt_resolution_rms": rms(res["pt_rel"]),
         "pt_bias": float(np.median(res["pt_rel"])) if n_reco else float("nan"),
         "qpt_resolution": core_width(res["qpt_rel"]),

@@ -114,7 +114,8 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         loader = self.loaders["train"]
         sampler = loader.batch_sampler
-        sampler.set_epoch(self.state.epoch, start_batch=self.state.step_in_epoch)
+        first = self.state.step_in_epoch  # > 0 when resuming inside this epoch
+        sampler.set_epoch(self.state.epoch, start_batch=first)
         total = (
             len(sampler)
             if self.max_steps_per_epoch is None
@@ -140,6 +141,15 @@ class Trainer:
                     rate = events / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", ev_s=f"{rate:.0f}")
                     self.log({"train/step_loss": values["loss"]}, self.state.global_step)
+                    if not self.progress:  # no terminal (batch job, log file): progress as log lines
+                        log.info(
+                            "epoch %d batch %d/%d: loss %.4f, %.0f events/s",
+                            self.state.epoch,
+                            self.state.step_in_epoch,
+                            first + total,
+                            values["loss"],
+                            rate,
+                        )
                 if self.checkpoint_every_steps and self.state.global_step % self.checkpoint_every_steps == 0:
                     self.save("last.pt")
         bar.close()
