@@ -49,7 +49,7 @@ def evaluate(
     loader.batch_sampler.set_epoch(0)
     for batch in loader:
         batch = to_device(batch, device)
-        outputs, losses = forward_loss(model, batch, device, amp_dtype)
+        outputs, losses = forward_loss(core, batch, device, amp_dtype)  # no DDP collectives
         size = len(batch["event_index"])
         for k, v in losses.items():
             sums[k] += float(v) * size

@@ -81,7 +81,7 @@ class Trainer:
         self.metadata = metadata or {}
         self.is_main = is_main
         self.state = TrainState()
-        self.progress = sys.stderr.isatty()
+        self.progress = is_main and sys.stderr.isatty()
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
@@ -141,7 +141,9 @@ class Trainer:
                     rate = events / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", ev_s=f"{rate:.0f}")
                     self.log({"train/step_loss": values["loss"]}, self.state.global_step)
-                    if not self.progress:  # no terminal (batch job, log file): progress as log lines
+                    if (
+                        self.is_main and not self.progress
+                    ):  # no terminal (batch job, log file): progress as log lines
                         log.info(
                             "epoch %d batch %d/%d: loss %.4f, %.0f events/s",
                             self.state.epoch,
@@ -178,18 +180,22 @@ class Trainer:
             else:
                 self.state.bad_epochs += 1
             self.log(metrics, self.state.epoch - 1)
-            log.info(
-                "epoch %d: %s=%.5f (best %.5f at epoch %d), %.0f events/s, %d non-finite steps",
-                self.state.epoch - 1,
-                self.monitor,
-                value,
-                self.state.best,
-                self.state.best_epoch,
-                metrics["train/events_per_s"],
-                self.guard.total,
-            )
+            if self.is_main:
+                log.info(
+                    "epoch %d: %s=%.5f (best %.5f at epoch %d), %.0f events/s, %d non-finite steps",
+                    self.state.epoch - 1,
+                    self.monitor,
+                    value,
+                    self.state.best,
+                    self.state.best_epoch,
+                    metrics["train/events_per_s"],
+                    self.guard.total,
+                )
             if self.state.bad_epochs >= self.patience:
-                log.info("early stopping: no improvement of %s for %d epochs", self.monitor, self.patience)
+                if self.is_main:
+                    log.info(
+                        "early stopping: no improvement of %s for %d epochs", self.monitor, self.patience
+                    )
                 self.state.finished = True
             if self.state.epoch >= self.max_epochs:
                 self.state.finished = True

@@ -155,6 +155,8 @@ def _train_and_test(
             "resumed from %s at epoch %d, batch %d", resume, trainer.state.epoch, trainer.state.step_in_epoch
         )
     best = trainer.fit()
+    if not world.is_main:  # the test evaluation, report and artifacts are rank 0's
+        return best
 
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():
@@ -162,20 +164,17 @@ def _train_and_test(
     test = data.datasets["test"]
     if len(test):
         test_metrics, records = trainer.evaluate("test")
-        if world.is_main:
-            reference = (
-                fit_reference(test.reader, test.indices, cfg.paths.data)
-                if cfg.evaluation.fit_reference
-                else None
-            )
-            fit_metrics = write_report(
-                out / "evaluation",
-                records.arrays(),
-                reference,
-                list(cfg.evaluation.pt_bins),
-                list(cfg.evaluation.eta_bins),
-            )
-            test_metrics.update({f"test/{k}": v for k, v in fit_metrics.items()})
+        reference = (
+            fit_reference(test.reader, test.indices, cfg.paths.data) if cfg.evaluation.fit_reference else None
+        )
+        fit_metrics = write_report(
+            out / "evaluation",
+            records.arrays(),
+            reference,
+            list(cfg.evaluation.pt_bins),
+            list(cfg.evaluation.eta_bins),
+        )
+        test_metrics.update({f"test/{k}": v for k, v in fit_metrics.items()})
         log_metrics(test_metrics, trainer.state.epoch)
         log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
     if run is not None:
