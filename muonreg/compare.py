@@ -117,7 +117,9 @@ def _cell(row: dict, metric: str) -> str:
     mean, std = row[metric], row[f"{metric} std"]
     if math.isnan(mean):
         return "–"
-    return f"{mean:.4g} ± {std:.2g}" if not math.isnan(std) else f"{mean:.4g}"
+    if math.isnan(std):
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {std:.2g}" if std > 1e-9 * abs(mean) else f"{mean:.4g} ± 0"  # same value in every seed
 
 
 def markdown(rows: list[dict], swept: list[str], title: str) -> str:
