@@ -119,7 +119,9 @@ def _cell(row: dict, metric: str) -> str:
         return "–"
     if math.isnan(std):
         return f"{mean:.4g}"
-    return f"{mean:.4g} ± {std:.2g}" if std > 1e-9 * abs(mean) else f"{mean:.4g} ± 0"  # same value in every seed
+    if std <= 1e-9 * abs(mean):  # the same value in every seed (e.g. the LSQ reference)
+        return f"{mean:.4g} ± 0"
+    return f"{mean:.4g} ± {std:.2g}"
 
 
 def markdown(rows: list[dict], swept: list[str], title: str) -> str:
