@@ -39,7 +39,9 @@ METRICS = (
     ("test/eta_resolution", "σ(η)"),
     ("test/phi_resolution_mrad", "σ(φ) mrad"),
     ("test/fit_pt_resolution", "LSQ fit σ(pT)/pT"),
+    ("test/fit_qpt_resolution", "LSQ fit σ(q/pT)·pT"),
 )
+REFERENCE = {"test/pt_resolution": "test/fit_pt_resolution", "test/qpt_resolution": "test/fit_qpt_resolution"}
 PLOTTED = ("test/pt_resolution", "test/qpt_resolution", "test/track_efficiency", "test/hit_purity")
 IGNORED_PARAMS = ("paths.", "tracking.", "resume")  # where a run logged, not what it computed
 SEED = "seed"
@@ -147,12 +149,15 @@ def _number(value: str) -> float | None:
 
 
 def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
-    """For each numeric swept parameter: the key metrics against it, one line per other combination."""
+    """For each swept parameter: the key metrics against it, one line per other combination.
+
+    Numeric parameters (assignment_threshold) get a numeric axis, others (inverse_fields) categories.
+    """
     keys = [k for k in swept if k != SEED]
     paths = []
     for x in keys:
-        if any(_number(r[x]) is None for r in rows):
-            continue
+        numeric = all(_number(r[x]) is not None for r in rows)
+        position = _number if numeric else str
         others = [k for k in keys if k != x]
         fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
         for ax, metric in zip(axes.flat, PLOTTED, strict=True):
@@ -160,19 +165,24 @@ def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
             for r in rows:
                 lines[tuple(r[k] for k in others)].append(r)
             for label, members in sorted(lines.items()):
-                members = sorted(members, key=lambda r: _number(r[x]))
+                members = sorted(members, key=lambda r: position(r[x]))
                 ax.errorbar(
-                    [_number(r[x]) for r in members],
+                    [position(r[x]) for r in members],
                     [r[metric] for r in members],
                     yerr=[0 if math.isnan(r[f"{metric} std"]) else r[f"{metric} std"] for r in members],
                     marker="o",
+                    linestyle="-" if numeric else "none",
                     capsize=3,
                     label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)) or None,
                 )
+            reference = REFERENCE.get(metric)
+            fits = [r[reference] for r in rows if reference and not math.isnan(r[reference])]
+            if fits:  # the classical fit on the same test events, for scale
+                ax.axhline(float(np.mean(fits)), color="grey", linestyle="--", label="least-squares fit")
             ax.set_xlabel(x)
             ax.set_ylabel(dict(METRICS)[metric])
             ax.grid(alpha=0.3)
-            if others:
+            if others or fits:
                 ax.legend(fontsize=8)
         fig.suptitle(f"test metrics against {x} (mean ± std over seeds)")
         fig.tight_layout()

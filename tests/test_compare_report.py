@@ -1,0 +1,34 @@
+"""The comparison report's table cells and plots, on hand-made rows (no MLflow needed)."""
+
+from __future__ import annotations
+
+import math
+
+from muonreg.compare import METRICS, markdown, plot
+
+
+def _row(**values) -> dict:
+    row = {"runs": 3, "status": "3 FINISHED"}
+    for metric, _ in METRICS:
+        row[metric], row[f"{metric} std"] = 0.5, 0.01
+    row["test/fit_pt_resolution"], row["test/fit_pt_resolution std"] = 0.047, 0.0  # same in every seed
+    return {**row, **values}
+
+
+def test_markdown_shows_spread_and_a_zero_spread_as_zero():
+    rows = [_row(inverse_fields="[pt]"), _row(inverse_fields="[]", status="2 FINISHED, 1 FAILED")]
+    text = markdown(rows, ["inverse_fields", "seed"], "ablation")
+    assert "| [pt] | 3 | 3 FINISHED | 0.5 ± 0.01 |" in text
+    assert "| [] | 3 | 2 FINISHED, 1 FAILED |" in text
+    assert text.count("0.047 ± 0 |") == 2
+
+
+def test_categorical_and_numeric_parameters_are_both_plotted(tmp_path):
+    rows = [_row(assignment_threshold=t, inverse_fields=f) for t in ("0.1", "0.5") for f in ("[pt]", "[]")]
+    rows[0]["test/pt_resolution std"] = math.nan  # a single seed: no error bar, still plotted
+    paths = plot(rows, ["assignment_threshold", "inverse_fields", "seed"], tmp_path)
+    assert sorted(p.name for p in paths) == [
+        "compare_assignment_threshold.png",
+        "compare_inverse_fields.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in paths)
