@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -18,6 +19,14 @@ OUT = Path(__file__).resolve().parent / "out"
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}"
+
+
+def arguments(doc: str | None, events: int) -> argparse.ArgumentParser:
+    """The command line every benchmark shares: how many simulated events, and their seed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=events, help="simulated events (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed")
+    return parser
 
 
 def header(argv: list[str]) -> None:

@@ -8,12 +8,11 @@ wild fits do not hide the shape), charge mis-identification, eta and phi core wi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
-from common import header
+from common import arguments, header
 
 from muonreg.data.fit import fit_tracks
 from muonreg.data.schema import HIT_FEATURES
@@ -30,11 +29,7 @@ def trimmed_rms(x: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--events", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = arguments(__doc__, events=4000)
     args = parser.parse_args()
     header(sys.argv)
     hits, tracks = simulate_events(args.events, args.seed)

@@ -9,11 +9,10 @@ with the default feature set (23 inputs with eta) and targets, shuffled and buck
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from common import bench_dataset, header
+from common import arguments, bench_dataset, header
 
 from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.features import HitFeatures
@@ -26,17 +25,14 @@ TARGETS = ["truthMuon_eta", "truthMuon_phi", "truthMuon_pt", "truthMuon_q"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__, events=4000)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--events", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument(
         "--uncompressed", action="store_true", help="chunked, uncompressed files instead of gzip"
     )
     args = parser.parse_args()
-    path = bench_dataset(args.events, compressed=not args.uncompressed)
+    path = bench_dataset(args.events, compressed=not args.uncompressed, seed=args.seed)
     header(sys.argv)
     reader = DatasetReader(path)
     dataset = MuonEventDataset(reader, HitFeatures(FEATURES, reader.hit_features), TARGETS, max_particles=2)

@@ -8,12 +8,11 @@ muon, noise fraction, mean hits per event, and the technology mix of the true hi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
-from common import header
+from common import arguments, header
 
 from muonreg.data.schema import HIT_FEATURES, Technology
 from muonreg.data.simulate import MULTIPLICITIES, SimulationConfig, simulate_events
@@ -22,11 +21,7 @@ LINK, TECH = HIT_FEATURES.index("spacePoint_truthLink"), HIT_FEATURES.index("spa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = arguments(__doc__, events=5000)
     args = parser.parse_args()
     header(sys.argv)
     samples = {}

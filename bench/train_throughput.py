@@ -13,7 +13,6 @@ step's time goes.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bench_dataset, header
+from common import arguments, bench_dataset, header
 from hydra import compose, initialize_config_dir
 
 from muonreg.config import project_root
@@ -75,20 +74,17 @@ class TreeMemory:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__, events=4000)
     parser.add_argument("--steps", type=int, default=12, help="measured optimiser steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--events", type=int, default=4000)
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.dim=64")
     parser.add_argument(
         "--profile", action="store_true", help="also print a torch profiler summary of one step"
     )
     args = parser.parse_args()
-    path = bench_dataset(args.events)
+    path = bench_dataset(args.events, seed=args.seed)
     header(sys.argv)
     release_freed_memory()
     overrides = [
