@@ -13,7 +13,7 @@ import torch
 from muonreg.data.format import is_dataset
 from muonreg.data.simulate import SimulationConfig, write_simulated_dataset
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(os.environ.get("MUONREG_BENCH_OUT", Path(__file__).resolve().parent / "out"))  # datasets
 
 
 def machine() -> str:
