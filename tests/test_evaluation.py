@@ -107,6 +107,7 @@ def test_fit_rows_and_report_files(tmp_path):
         "resolution.csv",
         "residuals.png",
         "resolution_vs_pt.png",
+        "bias_vs_pt.png",
         "resolution_vs_eta.png",
         "efficiency_vs_pt.png",
     ):

@@ -77,7 +77,11 @@ def versus(
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
+    values = [r[key] for rows in tables.values() for r in rows if np.isfinite(r[key])]
+    if min(values, default=0.0) < 0:
+        ax.axhline(0, color="grey", linewidth=0.8)  # signed quantity (a bias): zero is the reference
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

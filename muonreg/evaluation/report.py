@@ -86,6 +86,15 @@ def write_report(
         out / "resolution_vs_pt.png",
         log_x=True,
     )
+    plots.versus(  # the core width is centred on the median: only the bias shows a pull towards the mean
+        by_pt,
+        "pt_bias",
+        None,
+        r"true $p_T$ [GeV]",
+        r"$p_T$ bias: median of $(p_T^{pred} - p_T^{true})/p_T^{true}$",
+        out / "bias_vs_pt.png",
+        log_x=True,
+    )
     plots.versus(
         by_eta,
         "pt_resolution",
