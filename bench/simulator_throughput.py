@@ -45,7 +45,7 @@ def main() -> None:
     hits, tracks = samples["default"]
     print("\n| muon abs(eta) | muons | true hits/muon | MDT | RPC | TGC |")
     print("|---|---|---|---|---|---|")
-    for lo, hi in ((0.0, 1.05), (1.05, 2.0), (2.0, 2.7)):
+    for lo, hi in ((0.0, 1.05), (1.05, 1.3), (1.3, 1.6), (1.6, 2.0), (2.0, 2.4), (2.4, 2.7)):
         per_muon, tech = [], []
         for h, t in zip(hits, tracks, strict=True):
             for k, track in enumerate(t):

@@ -1,7 +1,8 @@
-"""A simplified ATLAS Muon Spectrometer: stations, trigger chambers, toroid field, propagation.
+"""The nominal ATLAS Muon Spectrometer: stations, trigger chambers, toroid field, drift relation.
 
-Shared by the simulator (which makes hits) and the least-squares fit (which must use the same
-geometry and field model, and nothing else). Lengths in mm, field in T, momenta in GeV.
+What a real experiment knows of its detector by design and calibration, shared by the simulator
+(which makes hits with it, plus the truths it adds: misalignment, material, noise) and the
+reconstruction (which may use this and nothing else). Lengths in mm, field in T, momenta in GeV.
 
 Tracks are propagated in their own plane of constant phi: `rho` is the transverse distance from
 the beam line along that direction and `z` the beam coordinate. The toroid field points along
@@ -24,14 +25,23 @@ SECTOR_WIDTH = 2 * np.pi / N_SECTORS
 TUBE_RADIUS = 14.6
 TUBE_PITCH = 30.035
 TUBE_LAYER_STEP = 26.0  # hexagonal packing of tube layers
-MDT_RESOLUTION = 0.08
-CHAMBER_ALIGNMENT = 0.1  # mm: residual misalignment and deformation along the precision coordinate
+CHAMBER_ALIGNMENT = 0.1  # mm: spread of the chamber offsets along the precision coordinate
 SOLENOID_PHI_KICK = 0.36  # rad GeV: phi at the spectrometer = phi0 - q * 0.36 / pT
 MAX_DRIFT_TIME = 750.0  # ns
+DRIFT_LINEAR = 0.4  # share of the linear term of the r-t relation (fast drift near the wire)
+TIME_RESOLUTION = 4.0  # ns: 0.2 mm near the wire, ~80 um at mid radius, 50 um at the tube wall
 STEP = 50.0  # propagation step along the path
 MAX_PATH = 26000.0  # reaches the outer endcap wheel at |eta| 1.1 and beyond
 CALO_RADIUS = 3000.0  # distance from the vertex at which the calorimeter scattering/energy loss is applied
-MEAN_ENERGY_LOSS = 3.0  # GeV, most of it in the calorimeters
+# Chamber widths in phi, as a fraction of the sector pitch (large, small sectors: together about the
+# whole circle), and the longest tube: long outer-endcap chambers are cut, as real ones are.
+SECTOR_COVERAGE = (1.0, 1.0)
+MAX_TUBE_LENGTH = 3940.0
+# Barrel-endcap transition: the two toroids' fields partly cancel, so the bending power dips at
+# 1.3 < |eta| < 1.6 (to ~1 T m against 3-6 T m elsewhere)
+TRANSITION_ETA = 1.45
+TRANSITION_WIDTH = 0.09
+TRANSITION_DEPTH = 0.75
 
 
 @dataclass(frozen=True)
@@ -116,13 +126,48 @@ TRIGGER_LAYERS = (
 
 def toroid_field(rho: np.ndarray, z: np.ndarray) -> np.ndarray:
     """B along phi (T): an ideal 1/r toroid in the barrel (3.9 T m / r, about 0.5 T) and the endcaps
-    (3 T m / r capped at 2 T near the beam: about 1 T)."""
+    (3 T m / r capped at 2 T near the beam: about 1 T), weakened where the two overlap."""
 
     az = np.abs(z)
     barrel = (rho > 4800.0) & (rho < 10200.0) & (az < 12500.0)
     endcap = ~barrel & (rho > 800.0) & (rho < 5350.0) & (az > 7900.0) & (az < 10900.0)
     safe = np.maximum(rho, 1.0)
-    return np.where(barrel, 3900.0 / safe, np.where(endcap, np.minimum(3000.0 / safe, 2.0), 0.0))
+    field = np.where(barrel, 3900.0 / safe, np.where(endcap, np.minimum(3000.0 / safe, 2.0), 0.0))
+    eta = np.arcsinh(az / safe)
+    return field * (1 - TRANSITION_DEPTH * np.exp(-0.5 * ((eta - TRANSITION_ETA) / TRANSITION_WIDTH) ** 2))
+
+
+def field_integral(eta: float | np.ndarray, step: float = 10.0) -> np.ndarray:
+    """Bending power: the integral of B along a straight line from the vertex at `eta` (T m)."""
+    eta = np.atleast_1d(np.asarray(eta, dtype=float))
+    s = np.arange(0.0, MAX_PATH, step)
+    lam = np.arctan(np.sinh(eta))[:, None]
+    return toroid_field(s * np.cos(lam), s * np.sin(lam)).sum(-1) * step * 1e-3
+
+
+def drift_time(radius: np.ndarray) -> np.ndarray:
+    """The r-t relation: drift time (ns) from a drift radius (mm), fast near the wire, slow at the wall."""
+    x = np.clip(radius, 0.0, TUBE_RADIUS) / TUBE_RADIUS
+    return MAX_DRIFT_TIME * (DRIFT_LINEAR * x + (1 - DRIFT_LINEAR) * x**2)
+
+
+def drift_radius(time: np.ndarray) -> np.ndarray:
+    """The inverse r-t relation: drift radius (mm) from a drift time (ns), clipped to the tube."""
+    u = np.clip(time, 0.0, MAX_DRIFT_TIME) / MAX_DRIFT_TIME
+    a = DRIFT_LINEAR
+    return TUBE_RADIUS * (np.sqrt(a * a + 4 * (1 - a) * u) - a) / (2 * (1 - a))
+
+
+def drift_resolution(radius: np.ndarray) -> np.ndarray:
+    """Drift-radius resolution (mm): the time resolution over the local drift speed dt/dr."""
+    x = np.clip(radius, 0.0, TUBE_RADIUS) / TUBE_RADIUS
+    speed = MAX_DRIFT_TIME * (DRIFT_LINEAR + 2 * (1 - DRIFT_LINEAR) * x) / TUBE_RADIUS  # ns per mm
+    return TIME_RESOLUTION / speed
+
+
+def time_of_flight(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """ns from the vertex to a point on a straight line: the t0 a chamber is calibrated with."""
+    return np.sqrt(x * x + y * y + z * z) / C_MM_PER_NS
 
 
 def sector_of(phi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,13 @@
+"""Physics and format versions: what keys the cached datasets and least-squares references.
+
+A cache made by older physics must never be reused silently. Every change to the simulator or to
+the reference fit bumps its version here; `tests/test_versions.py` fails until it does, by
+comparing a digest of the code (its syntax tree: comments and formatting do not count) with the
+digest recorded below. Update both together.
+"""
+
+SIMULATOR_VERSION = 2  # muonreg/detector.py, muonreg/data/simulate.py
+FIT_VERSION = 2  # muonreg/detector.py, muonreg/reco/
+
+SIMULATOR_DIGEST = "869c002b9fdf497c"
+FIT_DIGEST = "7f7477c42c9dbc70"
