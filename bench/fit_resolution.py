@@ -1,9 +1,10 @@
-"""Resolution of the least-squares MS-standalone fit of the truth hits, in bins of pT.
+"""Resolution and bias of the least-squares MS-standalone fit of the truth hits, in bins of pT and |eta|.
 
-    python bench/fit_resolution.py [--events 4000] [--seed 0]
+    python bench/fit_resolution.py [--events 8000] [--seed 0]
 
-sigma(pT)/pT as the 68 % core half-width and as RMS (of the central 98 %, so a handful of
-wild fits do not hide the shape), charge mis-identification, eta and phi core widths.
+sigma(pT)/pT as the 68 % core half-width and as RMS (of the central 98 %, so a handful of wild
+fits do not hide the shape), the median pT bias, charge mis-identification, eta and phi core
+widths. The |eta| bins separate the barrel, the barrel-endcap transition and the endcap.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import time
 import numpy as np
 from common import arguments, header
 
-from muonreg.data.fit import fit_tracks
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.data.simulate import simulate_events
 from muonreg.evaluation.metrics import core_width, wrap_angle
+from muonreg.reco.fit import fit_tracks
 
 INDEX = {name: i for i, name in enumerate(HIT_FEATURES)}
-BINS = ((5, 10), (10, 20), (20, 50), (50, 100), (100, 200))
+PT_BINS = ((5, 10), (10, 20), (20, 50), (50, 100), (100, 200))
+ETA_BINS = ((0.0, 1.05), (1.05, 1.3), (1.3, 1.6), (1.6, 2.0), (2.0, 2.7))
 
 
 def trimmed_rms(x: np.ndarray) -> float:
@@ -28,8 +30,25 @@ def trimmed_rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x[(x >= lo) & (x <= hi)] ** 2)))
 
 
+def table(name: str, value: np.ndarray, bins, fit: dict, truth: np.ndarray) -> None:
+    print(
+        f"\n| {name} | muons | fit ok | sigma(pT)/pT core | RMS | median bias | q mis-ID | sigma(eta) | sigma(phi) [mrad] |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lo, hi in bins:
+        inside = (value >= lo) & (value < hi)
+        s = fit["ok"] & inside
+        rel = (fit["pt"][s] - truth[s, 0]) / truth[s, 0]
+        print(
+            f"| {lo:g}-{hi:g} | {inside.sum()} | {s.sum() / max(inside.sum(), 1):.3f} | {core_width(rel):.3f} "
+            f"| {trimmed_rms(rel):.3f} | {np.median(rel):+.3f} | {(fit['q'][s] != truth[s, 3]).mean():.3f} "
+            f"| {core_width(fit['eta'][s] - truth[s, 1]):.4f} "
+            f"| {core_width(wrap_angle(fit['phi'][s] - truth[s, 2])) * 1e3:.2f} |"
+        )
+
+
 def main() -> None:
-    parser = arguments(__doc__, events=4000)
+    parser = arguments(__doc__, events=8000)
     args = parser.parse_args()
     header(sys.argv)
     hits, tracks = simulate_events(args.events, args.seed)
@@ -40,16 +59,8 @@ def main() -> None:
     fit = fit_tracks(muons, INDEX)
     print(f"fit_ms_per_track: {(time.perf_counter() - start) / len(muons) * 1e3:.1f}")
     print(f"fit_ok_fraction: {fit['ok'].mean():.4f}")
-    print("\n| pT [GeV] | muons | sigma(pT)/pT core | RMS | q mis-ID | sigma(eta) | sigma(phi) [mrad] |")
-    print("|---|---|---|---|---|---|---|")
-    for lo, hi in BINS:
-        s = fit["ok"] & (truth[:, 0] >= lo) & (truth[:, 0] < hi)
-        rel = (fit["pt"][s] - truth[s, 0]) / truth[s, 0]
-        print(
-            f"| {lo}-{hi} | {s.sum()} | {core_width(rel):.3f} | {trimmed_rms(rel):.3f} "
-            f"| {(fit['q'][s] != truth[s, 3]).mean():.3f} | {core_width(fit['eta'][s] - truth[s, 1]):.4f} "
-            f"| {core_width(wrap_angle(fit['phi'][s] - truth[s, 2])) * 1e3:.2f} |"
-        )
+    table("pT [GeV]", truth[:, 0], PT_BINS, fit, truth)
+    table("abs(eta)", np.abs(truth[:, 1]), ETA_BINS, fit, truth)
 
 
 if __name__ == "__main__":

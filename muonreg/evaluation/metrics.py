@@ -149,7 +149,7 @@ def summarise(records: TrackRecords) -> dict[str, float]:
 
 
 def fit_rows(fit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows in TrackRecords' layout from a least-squares fit of truth hits (muonreg.data.fit.fit_events)."""
+    """Rows in TrackRecords' layout from a least-squares fit of truth hits (muonreg.reco.fit.fit_events)."""
     ok = fit["ok"].astype(bool)
     return {
         "reco": ok,

@@ -1,7 +1,7 @@
 """An evaluation report: tables (Markdown and CSV) and plots, the network beside the least-squares fit.
 
 Every number of the network is shown next to the classical MS-standalone fit of the same test
-muons' truth hits (muonreg.data.fit), so a result always reads against that reference.
+muons' truth hits (muonreg.reco.fit), so a result always reads against that reference.
 """
 
 from __future__ import annotations
