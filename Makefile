@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 data: install
-	$(PY) -m muonreg.data.simulate --default
+	$(PY) -m muonreg.prepare default $(ARGS)
 
 train: data
 	$(PY) train.py $(ARGS)

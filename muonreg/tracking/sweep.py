@@ -36,7 +36,7 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from muonreg.config import validate
-        from muonreg.data.cache import dataset_path
+        from muonreg.training.setup import dataset_path
 
         validate(config)
         dataset_path(config)  # generate the shared default dataset once, before jobs start

@@ -10,11 +10,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError, feature_names
-from muonreg.data.cache import dataset_path
+from muonreg.data.cache import ensure_simulated
 from muonreg.data.dataset import MuonEventDataset, make_loader, split_indices
 from muonreg.data.features import DEFAULT_SCALES, HitFeatures
 from muonreg.data.format import DatasetReader
 from muonreg.data.schema import QPT
+from muonreg.data.simulate import SimulationConfig
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer, Matcher
 from muonreg.tasks import (
@@ -26,6 +27,33 @@ from muonreg.tasks import (
 
 # Evaluation always needs the physical parameters, whatever the regression targets are.
 EVAL_TARGETS = [f"truthMuon_{f}" for f in FIELDS]
+
+
+_RUN_KEYS = ("events", "seed", "files")
+
+
+def simulation_settings(simulation: DictConfig) -> tuple[dict, SimulationConfig]:
+    """(events/seed/files, SimulationConfig) from the `data.simulation` config node."""
+    raw = OmegaConf.to_container(simulation, resolve=True)
+    run = {k: raw.pop(k) for k in _RUN_KEYS}
+    known = set(SimulationConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"data.simulation has unknown key(s) {unknown}; allowed: {sorted(known | set(_RUN_KEYS))}"
+        )
+    try:
+        return run, SimulationConfig(**raw)
+    except ValueError as err:
+        raise ConfigError(f"data.simulation: {err}") from err
+
+
+def dataset_path(cfg: DictConfig, progress: bool = True) -> Path:
+    """The dataset directory a run trains on: data.path if set, else the simulated cache."""
+    if cfg.data.path is not None:
+        return Path(str(cfg.data.path))  # checked by muonreg.config.validate
+    run, config = simulation_settings(cfg.data.simulation)
+    return ensure_simulated(cfg.paths.data, **run, config=config, progress=progress)
 
 
 @dataclass

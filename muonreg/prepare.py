@@ -1,0 +1,37 @@
+"""Prepare datasets for training: `python -m muonreg.prepare default` (also `muonreg-prepare default`).
+
+default     simulate (once) the dataset that `python train.py` uses with the given overrides,
+            e.g. `python -m muonreg.prepare default data.simulation.events=50000`; prints its path
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def default_dataset(overrides: list[str] | None = None) -> Path:
+    """Generate (if needed) the dataset `python train.py [overrides]` trains on; return its path."""
+    from hydra import compose, initialize_config_dir
+
+    from muonreg.config import project_root, validate
+    from muonreg.training.setup import dataset_path
+
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides or [])
+    validate(cfg)
+    return dataset_path(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="muonreg-prepare", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    default = commands.add_parser("default", help="simulate the dataset `python train.py` uses")
+    default.add_argument("overrides", nargs="*", help="Hydra overrides, as given to train.py")
+    args = parser.parse_args(argv)
+    if args.command == "default":
+        print(default_dataset(args.overrides))
+
+
+if __name__ == "__main__":
+    main()
