@@ -30,7 +30,7 @@ from muonreg.training.device import release_freed_memory, to_device
 from muonreg.training.health import HealthGuard
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
-from muonreg.training.setup import build_data, build_loaders, build_model, target_sample
+from muonreg.training.setup import build_data, build_loaders, build_model, fit_normalizations
 
 
 class TreeMemory:
@@ -99,9 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = build_data(cfg, progress=False)
     model = build_model(cfg, data.features)
-    model.regression_task.fit_normalization(
-        *target_sample(data.datasets["train"], list(cfg.inverse_fields.targets))
-    )
+    fit_normalizations(model, data.datasets["train"], list(cfg.inverse_fields.targets))
     device = torch.device("cpu")
     loaders = build_loaders(cfg, data, device)
     optimizer = build_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay)

@@ -18,7 +18,7 @@ from muonreg.data.features import DERIVED
 from muonreg.data.format import METADATA, is_dataset
 from muonreg.data.schema import HIT_FEATURES
 
-POOLING_OPS = ("mean", "sum", "max", "min")
+POOLING_OPS = ("mean", "sum", "max", "min", "station", "fit")
 THRESHOLD_MODES = ("hard", "soft")
 REGRESSION_TASKS = ("weighted_pooling", "object_regression")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -81,6 +81,20 @@ def validate(cfg: DictConfig) -> None:
     ops = list(cfg.pooling.ops)
     if not ops or any(op not in POOLING_OPS for op in ops) or len(set(ops)) != len(ops):
         _fail("pooling.ops", ops, f"must be a non-empty subset of {list(POOLING_OPS)} without repeats")
+    if cfg.pooling.get("local", False) and "fit" not in ops:
+        _fail(
+            "pooling.local",
+            True,
+            "needs `fit` among pooling.ops (local coordinates are relative to the fitted track)",
+        )
+    weights = cfg.tasks.get("loss_weights") or {}
+    unknown = [f for f in weights if f not in cfg.inverse_fields.targets]
+    if unknown:
+        _fail(
+            "tasks.loss_weights",
+            dict(weights),
+            f"names {unknown}, not among the targets {list(cfg.inverse_fields.targets)}",
+        )
     targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
     for field in inverse:
         if field not in targets:

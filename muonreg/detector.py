@@ -33,6 +33,10 @@ TIME_RESOLUTION = 4.0  # ns: 0.2 mm near the wire, ~80 um at mid radius, 50 um a
 STEP = 50.0  # propagation step along the path
 MAX_PATH = 26000.0  # reaches the outer endcap wheel at |eta| 1.1 and beyond
 CALO_RADIUS = 3000.0  # distance from the vertex at which the calorimeter scattering/energy loss is applied
+# Nominal material, as a reconstruction knows it: the calorimeters' multiple-scattering angle
+# (rad GeV / p) and the spread of their energy loss (GeV).
+CALO_SCATTERING = 0.15
+ENERGY_LOSS_SPREAD = 0.3
 # Chamber widths in phi, as a fraction of the sector pitch (large, small sectors: together about the
 # whole circle), and the longest tube: long outer-endcap chambers are cut, as real ones are.
 SECTOR_COVERAGE = (1.0, 1.0)
@@ -230,3 +234,30 @@ def crossing(
     s = i0 + f
     out = (found, o, a, s)
     return tuple(x[:, 0] for x in out) if squeeze else out
+
+
+def deflection_table(
+    angles: int = 256, points: int = 540, length: float = 27.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How the field bends a track leaving the vertex along a straight line, per unit q/p.
+
+    For a line at angle lambda from the beam-transverse axis (in a track's r-z plane) and a path
+    length t (m) along it: `deflection` = 0.3 * double integral of B (m per GeV^-1), the sideways
+    displacement of a track of q/p = 1/GeV in the small-angle limit, and `turn` = 0.3 * integral of B
+    (rad per GeV^-1), its change of direction. Returns (lambda grid [angles] over [0, pi/2],
+    t grid [points] over [0, length], deflection [angles, points], turn [angles, points]).
+    """
+    lam = np.linspace(0.0, np.pi / 2, angles)
+    t = np.linspace(0.0, length, points)
+    step = t[1] - t[0]
+    field = toroid_field(1e3 * t[None, :] * np.cos(lam[:, None]), 1e3 * t[None, :] * np.sin(lam[:, None]))
+    # trapezoid cumulative integrals along each line
+    turn = (
+        0.3
+        * np.concatenate([np.zeros((angles, 1)), np.cumsum((field[:, 1:] + field[:, :-1]) / 2, 1)], 1)
+        * step
+    )
+    deflection = (
+        np.concatenate([np.zeros((angles, 1)), np.cumsum((turn[:, 1:] + turn[:, :-1]) / 2, 1)], 1) * step
+    )
+    return lam, t, deflection, turn

@@ -2,8 +2,9 @@
 
 Rebuilds data and model from the configuration stored in the checkpoint, evaluates (efficiency,
 fake rate, hit efficiency and purity, residuals and resolutions, in bins of pT and |eta|) beside
-the least-squares fit of the same muons, and writes tables and plots. With `--run-id` the best
-checkpoint is fetched from that MLflow run and the report is logged back to it.
+the least-squares fit of the same muons and the diagnostics (truth assignment, fits of the
+assigned hits), and writes tables and plots. With `--run-id` the best checkpoint is fetched from
+that MLflow run and the report is logged back to it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import mlflow
 from omegaconf import OmegaConf
 
 import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
-from muonreg.evaluation.inference import evaluate
-from muonreg.evaluation.reference import fit_reference
-from muonreg.evaluation.report import write_report
+from muonreg.evaluation.full import full_evaluation
 from muonreg.training.checkpoint import load_checkpoint
 from muonreg.training.device import autocast_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
@@ -40,14 +39,24 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model.to(dev)
     loader = build_loaders(cfg, data, dev)[split]
-    metrics, records = evaluate(model, loader, dev, autocast_dtype(dev, cfg.trainer.precision), prefix=split)
-    dataset = data.datasets[split]
-    fit = fit_reference(dataset.reader, dataset.indices, cfg.paths.data) if reference else None
     report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{split}"
-    fit_metrics = write_report(
-        report, records.arrays(), fit, list(cfg.evaluation.pt_bins), list(cfg.evaluation.eta_bins)
+    evaluation = OmegaConf.merge(
+        cfg.evaluation, {"fit_reference": reference and cfg.evaluation.fit_reference}
     )
-    metrics.update({f"{split}/{k}": v for k, v in fit_metrics.items()})
+    if not reference:
+        evaluation.assigned_fit_events = 0
+    metrics, text = full_evaluation(
+        model,
+        loader,
+        data.datasets[split],
+        dev,
+        autocast_dtype(dev, cfg.trainer.precision),
+        evaluation,
+        cfg.paths.data,
+        report,
+        prefix=split,
+    )
+    print(text)
     return metrics, report
 
 

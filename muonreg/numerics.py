@@ -20,6 +20,8 @@ LOG_MIN = 1e-12  # probability floor before log
 R_FLOOR = 1e-6  # transverse radius floor (m) for eta = asinh(z / r) on the beam axis
 WEIGHT_FLOOR = 1e-12  # denominator floor of weighted means (weights are >= 0)
 COST_CEILING = 1e6  # a non-finite matching cost is replaced by this
+UNIT_FLOOR = 1e-12  # length floor before normalising a 2-vector (a direction from no hits)
+SOLVE_JITTER = 1e-9  # relative diagonal load of a normal-equation matrix before solving
 
 
 def masked_mean(
@@ -52,6 +54,18 @@ def weighted_mean(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """
     total = weights.sum(-1, keepdim=True, dtype=torch.float32).clamp(min=WEIGHT_FLOOR)
     return (weighted_sum(weights, values) / total).to(values.dtype)
+
+
+def weighted_average(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum(w v) / sum(w) over the last axis, kept with size 1 (weights >= 0); 0 where all weights are 0."""
+    total = weights.sum(-1, keepdim=True).clamp(min=WEIGHT_FLOOR)
+    return (weights * values).sum(-1, keepdim=True) / total
+
+
+def safe_unit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) scaled to unit length; (0, 0) stays (0, 0), with finite gradients (no 0/0)."""
+    norm = (x * x + y * y).clamp(min=UNIT_FLOOR**2).sqrt()
+    return x / norm, y / norm
 
 
 def _masked_extreme(values: torch.Tensor, selected: torch.Tensor, largest: bool) -> torch.Tensor:

@@ -6,8 +6,8 @@ comparing a digest of the code (its syntax tree: comments and formatting do not 
 digest recorded below. Update both together.
 """
 
-SIMULATOR_VERSION = 2  # muonreg/detector.py, muonreg/data/simulate.py
-FIT_VERSION = 2  # muonreg/detector.py, muonreg/reco/
+SIMULATOR_VERSION = 3  # muonreg/detector.py, muonreg/data/simulate.py
+FIT_VERSION = 3  # muonreg/detector.py, muonreg/reco/
 
-SIMULATOR_DIGEST = "869c002b9fdf497c"
-FIT_DIGEST = "7f7477c42c9dbc70"
+SIMULATOR_DIGEST = "12a843c385c4be49"
+FIT_DIGEST = "fbe9d63327017c2e"

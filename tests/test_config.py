@@ -14,7 +14,7 @@ CONF = str(project_root() / "conf")
 GROUPS = {
     "data/features": ["base", "eta"],
     "tasks": ["weighted_pooling", "object_regression"],
-    "pooling": ["all", "weighted", "extrema", "mean"],
+    "pooling": ["all", "weighted", "extrema", "mean", "station", "fit", "fit_station", "fit_local"],
     "threshold": ["hard", "soft"],
     "inverse_fields": ["pt", "none", "qpt"],
     "trainer": ["cpu", "gpu"],
@@ -72,7 +72,7 @@ def test_top_level_keys_and_combinations():
             "data.features.columns=[spacePoint_time,spacePoint_drift]",
             r"data\.features\.columns=.*\['spacePoint_drift'\]",
         ),
-        ("pooling.ops=[mean,median]", r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min'\]"),
+        ("pooling.ops=[mean,median]", r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min', 'station', 'fit'\]"),
         ("model.num_queries=1", r"model\.num_queries=1 must be at least data\.max_particles=2"),
         ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),

@@ -14,7 +14,7 @@ from muonreg.evaluation.metrics import (
     resolution_metrics,
     summarise,
 )
-from muonreg.evaluation.report import write_report
+from muonreg.evaluation.report import FIT, NETWORK, ORACLE, summary, write_report
 
 
 def test_core_width_and_empty_samples():
@@ -100,8 +100,13 @@ def test_fit_rows_and_report_files(tmp_path):
     )
     rows = fit_rows(fit)
     assert resolution_metrics(rows)["track_efficiency"] == 1.0
-    metrics = write_report(tmp_path, _records().arrays(), rows, [5, 50, 200], [0, 1.05, 2.7])
+    network = _records().arrays()
+    methods = {NETWORK: network, ORACLE: network, FIT: rows}
+    metrics, tables = write_report(tmp_path, methods, [5, 50, 200], [0, 1.05, 2.7])
     assert 0.01 < metrics["fit_pt_resolution"] < 0.06 and metrics["fit_charge_accuracy"] == 1.0
+    assert metrics["oracle_pt_resolution"] == tables[NETWORK]["all"][0]["pt_resolution"]
+    lines = summary(tables).splitlines()
+    assert len(lines) == 1 + 1 + 2 and "least-squares fit" in lines[0] and "x" in lines[1]
     for name in (
         "resolution.md",
         "resolution.csv",
@@ -114,3 +119,4 @@ def test_fit_rows_and_report_files(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     text = (tmp_path / "resolution.md").read_text()
     assert "| least-squares fit | 5-50 |" in text and "| network | 50-200 |" in text
+    assert "| network, truth assignment | 5-50 |" in text

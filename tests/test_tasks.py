@@ -142,7 +142,7 @@ def test_short_training_loop_decreases_loss(task_name):
     _fit(model, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
-    for _ in range(60):
+    for _ in range(100):
         loss = model.loss(model(batch), batch)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -245,3 +245,140 @@ def test_bad_task_settings_are_rejected():
         WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, assignment="fuzzy")
     with pytest.raises(ValueError, match=r"hit_fields_index \[0, 4\]"):
         WeightedPoolingObjectHitRegressionTask(8, 4, FIELDS, hit_fields_index=[0, 4])
+
+
+# -- target space: positive pT, phi across the seam, per-field weights -----------------------------
+def test_pt_is_positive_even_from_a_negative_raw_output():
+    space = TargetSpace(FIELDS, ["truthMuon_pt"])
+    raw = torch.zeros(1, 1, 4)
+    raw[..., 2] = -(space.mean[2] + 0.02) / space.std[2]  # decodes to 1/pT = -0.02
+    decoded = space.decode(raw)["track_truthMuon_pt"]
+    assert decoded.item() == pytest.approx(50.0, rel=1e-4)
+
+
+def test_phi_loss_is_taken_the_short_way_round_the_circle():
+    batch = synthetic_batch(b=2, seed=4)
+    batch["particle_valid"][:] = False
+    batch["particle_valid"][0, 0] = True
+    batch["particle_truthMuon_phi"][0, 0] = -math.pi + 0.05
+    task = ObjectRegressionTask(
+        16, FIELDS, ["truthMuon_pt"], field_weights={f: 0.0 for f in FIELDS[:1] + FIELDS[2:]}
+    )
+    task.fit_normalization(batch, batch["particle_valid"])
+    raw = task.space.encode(batch).clone()
+    raw[0, 0, 1] = (math.pi - 0.05 - task.space.mean[1]) / task.space.std[1]  # 0.1 rad across the seam
+    loss = task.loss({"track_regression": raw}, batch)["track_regression"]
+    error = 0.1 / task.space.std[1]  # in standard deviations
+    assert loss.item() == pytest.approx(
+        0.5 * error.item() ** 2 / 4, rel=1e-3
+    )  # smooth L1, mean over 4 fields
+    assert task.predict({"track_regression": raw})["track_truthMuon_phi"][0, 0].item() == pytest.approx(
+        math.pi - 0.05, abs=1e-5
+    )
+
+
+def test_field_loss_weights_scale_each_field():
+    batch = synthetic_batch(b=8, seed=5)
+    batch["particle_valid"][0, 0] = True
+    raw = torch.randn(8, 2, 4)
+    one = ObjectRegressionTask(16, FIELDS, ["truthMuon_pt"])
+    eta_only = ObjectRegressionTask(16, FIELDS, ["truthMuon_pt"], field_weights={f: 0.0 for f in FIELDS[1:]})
+    doubled = ObjectRegressionTask(16, FIELDS, ["truthMuon_pt"], field_weights={FIELDS[0]: 2.0})
+    for task in (one, eta_only, doubled):
+        task.fit_normalization(batch, batch["particle_valid"])
+    losses = [t.loss({"track_regression": raw}, batch)["track_regression"] for t in (one, eta_only, doubled)]
+    assert losses[2] - losses[0] == pytest.approx(losses[1].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="not targets"):
+        ObjectRegressionTask(16, FIELDS, field_weights={"truthMuon_x": 1.0})
+
+
+# -- pooling that sees the bending ----------------------------------------------------------------
+def _geometry_batch(b=3, m=12, seed=0):
+    from muonreg.data.geometry import GEOMETRY, G
+
+    batch = synthetic_batch(b=b, m=m, seed=seed)
+    g = torch.zeros(b, m, len(GEOMETRY))
+    gen = torch.Generator().manual_seed(seed)
+    g[..., G["normal"]] = 5 + 5 * torch.rand(b, m, generator=gen)
+    g[..., G["z"]] = torch.rand(b, m, generator=gen)
+    g[..., G["cos_phi_s"]] = g[..., G["cos_phi"]] = 1.0
+    g[..., G["barrel"]] = g[..., G["mdt"]] = 1.0
+    g[..., G["drift"]] = 0.007 * torch.rand(b, m, generator=gen)
+    g[..., G["sigma"]] = 1e-4
+    g[..., G["station"]] = torch.randint(0, 5, (b, m), generator=gen).float()
+    batch["hit_geometry"], batch["hit_geometry_valid"] = g, batch["hit_valid"].clone()
+    return batch
+
+
+def test_station_pooling_by_hand():
+    task = WeightedPoolingObjectHitRegressionTask(4, 2, FIELDS, pooling=["station"], assignment_threshold=0.5)
+    from muonreg.tasks.weighted_pooling import _station_mean
+
+    weights = torch.tensor([[[0.5, 1.0, 0.0, 1.0]]])
+    groups = torch.nn.functional.one_hot(torch.tensor([[0, 0, 1, 4]]), 5).float()
+    share = torch.einsum("bnm,bms->bns", weights, groups)
+    values = torch.tensor([[[2.0], [5.0], [100.0], [-1.0]]])
+    mean = _station_mean(values, weights, groups, share)
+    assert mean.tolist() == [[[(0.5 * 2 + 5) / 1.5, 0.0, 0.0, 0.0, -1.0]]]  # empty stations: 0
+    assert task.head[0].in_features == 4 + (2 * 2 + 1) * 5
+
+
+@pytest.mark.parametrize("pooling, local", [(["station"], False), (["fit"], False), (["mean", "fit"], True)])
+def test_bending_aware_pooling_trains_with_finite_gradients(pooling, local):
+    torch.manual_seed(0)
+    batch = _geometry_batch()
+    batch["particle_valid"][0, 0] = True
+    model = make_model(pooling=pooling, local=local)
+    _fit(model, batch)
+    losses = model.loss(model(batch), batch)
+    losses["loss"].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_anchored_head_starts_at_the_fit_estimate():
+    batch = _geometry_batch(seed=2)
+    model = make_model(pooling=["fit"])
+    _fit(model, batch)
+    task = model.regression_task
+    out = model(batch)
+    weights, _ = task.assignment_weights(out["track_hit_logit"], batch["hit_valid"])
+    fit = task.fit(batch["hit_geometry"], weights * batch["hit_geometry_valid"].unsqueeze(1))
+    torch.testing.assert_close(out["track_regression"], task._anchor(fit).float())
+
+
+def test_local_coordinates_need_the_fit():
+    with pytest.raises(ValueError, match="add `fit`"):
+        WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, pooling=["mean"], local=True)
+
+
+def test_oracle_regression_uses_the_truth_assignment():
+    batch = _geometry_batch(seed=3)
+    model = make_model(pooling=["mean", "fit"]).eval()
+    _fit(model, batch)
+    out = model(batch)
+    aligned = model.align(out, model.match(out, batch))
+    oracle = model.oracle_regression(aligned, batch)
+    direct = model.regression_task(
+        query=aligned["query_embed"],
+        hit_probability=model.truth(batch)["particle_hit_valid"].float(),
+        **model._regression_inputs(
+            batch, out["hit_embed"], model.input_norm(batch["hit_x"], batch["hit_x_valid"])
+        ),
+    )
+    torch.testing.assert_close(
+        oracle["track_truthMuon_eta"], model.regression_task.predict(direct)["track_truthMuon_eta"]
+    )
+
+
+def test_input_standardisation_is_fitted_and_saved():
+    from muonreg.models.layers import Standardize
+
+    norm = Standardize(2)
+    x = torch.tensor([[1.0, 100.0], [3.0, 300.0], [5.0, -999.0]])
+    valid = torch.tensor([[True, True], [True, True], [True, False]])
+    norm.fit(x, valid)
+    torch.testing.assert_close(norm.mean, torch.tensor([3.0, 200.0]))
+    out = norm(x, valid)
+    assert out[2, 1] == 0 and out[:, 0].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4)
+    assert set(norm.state_dict()) == {"mean", "std"}

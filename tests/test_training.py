@@ -74,14 +74,14 @@ def test_nan_in_a_batch_skips_the_step_counts_it_and_saves_the_batch(loaders, tm
     assert trainer.train_step(batch) is not None and trainer.guard.consecutive == 0
 
 
-def test_repeated_nan_batches_stop_training_naming_the_input_net(loaders, tmp_path):
+def test_repeated_nan_batches_stop_training_naming_the_first_module(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path, max_consecutive=2)
     bad = _batch(loaders)
     bad["hit_x"][:, 0, 1] = math.nan
     trainer.train_step(bad)
     with pytest.raises(
         NonFiniteTrainingError,
-        match=r"2 consecutive .*first module whose output went non-finite is 'input_net\.0'",
+        match=r"2 consecutive .*first module whose output went non-finite is 'input_norm'",
     ):
         trainer.train_step(bad)
 

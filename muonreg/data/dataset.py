@@ -5,6 +5,8 @@ Batch contract (what `collate` returns and the model consumes):
     hit_x               float32 [B, M, F]  scaled features, 0 where missing or padded
     hit_x_valid         bool    [B, M, F]  per-feature, per-hit validity
     hit_valid           bool    [B, M]     real hit vs padding
+    hit_geometry        float32 [B, M, G]  what a track fit needs, in metres (data.geometry), 0 when padded
+    hit_geometry_valid  bool    [B, M]     the hit has every column the fit needs
     particle_valid      bool    [B, P]     truth slot holds a muon
     particle_hit_valid  bool    [B, P, M]  hit m belongs to muon p
     particle_<field>    float32 [B, P]     targets, 0 (never NaN) in empty slots
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
+from muonreg.data.geometry import HitGeometry
 from muonreg.data.schema import QPT, TRUTH_LINK
 from muonreg.numerics import safe_inverse
 
@@ -52,6 +55,7 @@ class MuonEventDataset(Dataset):
         if QPT in self.target_fields and not {"truthMuon_pt", "truthMuon_q"} <= set(reader.track_features):
             raise ValueError(f"{QPT} needs truthMuon_pt and truthMuon_q in the dataset's track_features")
         self._link = reader.hit_index[TRUTH_LINK]
+        self.geometry = HitGeometry(reader.hit_features)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -78,11 +82,14 @@ class MuonEventDataset(Dataset):
                 f"max_particles={self.max_particles}"
             )
         x, x_valid = self.features(event.hits)
+        geometry, geometry_valid = self.geometry(event.hits)
         link = event.hits[:, self._link]
         slots = np.arange(self.max_particles)
         out = {
             "hit_x": x,
             "hit_x_valid": x_valid,
+            "hit_geometry": geometry,
+            "hit_geometry_valid": geometry_valid,
             "particle_valid": slots < n_tracks,
             "particle_hit_valid": link[None, :] == slots[:, None],
             "event_index": np.int64(index),
@@ -94,7 +101,7 @@ class MuonEventDataset(Dataset):
         return out
 
 
-_PADDED = {"hit_x", "hit_x_valid", "particle_hit_valid"}
+_PADDED = {"hit_x", "hit_x_valid", "hit_geometry", "hit_geometry_valid", "particle_hit_valid"}
 
 
 def collate(events: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -107,16 +114,22 @@ def collate(events: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     hit_x_valid = np.zeros((b, m, f), dtype=bool)
     hit_valid = np.zeros((b, m), dtype=bool)
     particle_hit_valid = np.zeros((b, p, m), dtype=bool)
+    geometry = np.zeros((b, m, events[0]["hit_geometry"].shape[1]), dtype=np.float32)
+    geometry_valid = np.zeros((b, m), dtype=bool)
     for i, e in enumerate(events):
         n = len(e["hit_x"])
         hit_x[i, :n] = e["hit_x"]
         hit_x_valid[i, :n] = e["hit_x_valid"]
         hit_valid[i, :n] = True
         particle_hit_valid[i, :, :n] = e["particle_hit_valid"]
+        geometry[i, :n] = e["hit_geometry"]
+        geometry_valid[i, :n] = e["hit_geometry_valid"]
     batch = {
         "hit_x": hit_x,
         "hit_x_valid": hit_x_valid,
         "hit_valid": hit_valid,
+        "hit_geometry": geometry,
+        "hit_geometry_valid": geometry_valid,
         "particle_hit_valid": particle_hit_valid,
     }
     for key in events[0].keys() - _PADDED:

@@ -15,6 +15,17 @@ from muonreg.evaluation.metrics import TrackRecords, summarise
 from muonreg.training.device import autocast, to_device
 
 
+def _perfect_tracking(
+    predictions: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Predictions whose tracking is the truth (every muon found with exactly its hits)."""
+    return {
+        **predictions,
+        "track_valid": truth["particle_valid"],
+        "track_hit_valid": truth["particle_hit_valid"],
+    }
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The MaskFormer inside a DistributedDataParallel or torch.compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -39,12 +50,17 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     prefix: str = "test",
+    diagnostics: TrackRecords | None = None,
 ) -> tuple[dict[str, float], TrackRecords]:
-    """Mean losses and tracking metrics (keys `<prefix>/...`), with the per-muon records behind them."""
+    """Mean losses and tracking metrics (keys `<prefix>/...`), with the per-muon records behind them.
+
+    `diagnostics`: records filled with the regression run on the truth hit assignment (the oracle
+    column); the returned records then also keep each track's hits (TrackRecords.keep_hits).
+    """
     model.eval()
     core = unwrap(model)
     sums: dict[str, float] = defaultdict(float)
-    records = TrackRecords()
+    records = TrackRecords(keep_hits=diagnostics is not None)
     n = 0
     loader.batch_sampler.set_epoch(0)
     for batch in loader:
@@ -55,7 +71,15 @@ def evaluate(
             sums[k] += float(v) * size
         n += size
         aligned = core.align(outputs, core.match(outputs, batch))
-        records.update(core.predict(aligned, batch["hit_valid"]), batch)
+        predictions = core.predict(aligned, batch["hit_valid"])
+        records.update(predictions, batch)
+        if diagnostics is not None:
+            with autocast(device, amp_dtype):
+                oracle = core.oracle_regression(aligned, batch)
+            if oracle:
+                diagnostics.update(_perfect_tracking({**predictions, **oracle}, core.truth(batch)), batch)
     metrics = {f"{prefix}/{k}": v / max(n, 1) for k, v in sums.items()}
+    if diagnostics is not None and not diagnostics.rows:
+        diagnostics.rows.update(records.rows)  # a task without hit pooling: the oracle is the network
     metrics.update({f"{prefix}/{k}": v for k, v in summarise(records).items()})
     return metrics, records

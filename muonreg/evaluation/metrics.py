@@ -40,12 +40,18 @@ def wrap_angle(x: np.ndarray) -> np.ndarray:
 
 
 class TrackRecords:
-    """Per-muon rows and per-prediction counts accumulated over an evaluation."""
+    """Per-muon rows and per-prediction counts accumulated over an evaluation.
 
-    def __init__(self) -> None:
+    With `keep_hits`, each muon's row also remembers its event and the hits its matched track was
+    given (a bool mask over the event's hits), for fitting the network's own hit lists.
+    """
+
+    def __init__(self, keep_hits: bool = False) -> None:
         self.rows: dict[str, list[np.ndarray]] = defaultdict(list)
         self.predicted = 0
         self.predicted_fake = 0
+        self.keep_hits = keep_hits
+        self.hits: list[np.ndarray] = []
 
     def update(self, preds: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         """`preds` are aligned to truth order (slot j of preds is the query matched to truth slot j)."""
@@ -73,8 +79,15 @@ class TrackRecords:
             **{f"true_{f}": batch[f"particle_truthMuon_{f}"] for f in FIELDS},
             **{f"pred_{f}": preds[f"track_truthMuon_{f}"][:, :n_slots] for f in FIELDS},
         }
+        if self.keep_hits:
+            columns["event"] = batch["event_index"].unsqueeze(1).expand_as(sel)
+            counts = batch["hit_valid"].sum(-1).tolist()
+            masks = pred_hits.cpu().numpy()
+            for b, j in sel.nonzero().tolist():
+                self.hits.append(masks[b, j, : counts[b]])
         for key, value in columns.items():
-            self.rows[key].append(value[sel].detach().float().cpu().numpy())
+            value = value[sel].detach()
+            self.rows[key].append((value.float() if value.is_floating_point() else value).cpu().numpy())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.concatenate(v) for k, v in self.rows.items()}

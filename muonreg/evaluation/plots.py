@@ -12,7 +12,13 @@ import numpy as np
 
 from muonreg.evaluation.metrics import core_width
 
-STYLE = {"network": {"color": "C0", "marker": "o"}, "least-squares fit": {"color": "C3", "marker": "s"}}
+STYLE = {
+    "network": {"color": "C0", "marker": "o"},
+    "network, truth assignment": {"color": "C2", "marker": "^"},
+    "least-squares fit": {"color": "C3", "marker": "s"},
+    "fit of assigned hits": {"color": "C1", "marker": "v"},
+    "robust fit of assigned hits": {"color": "C4", "marker": "D"},
+}
 RESIDUALS = (
     ("pt_rel", r"$(p_T^{pred} - p_T^{true}) / p_T^{true}$", (-0.5, 0.5)),
     ("qpt_rel", r"$(q/p_T^{pred} - q/p_T^{true}) \cdot p_T^{true}$", (-0.5, 0.5)),

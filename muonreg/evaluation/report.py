@@ -1,7 +1,10 @@
 """An evaluation report: tables (Markdown and CSV) and plots, the network beside the least-squares fit.
 
 Every number of the network is shown next to the classical MS-standalone fit of the same test
-muons' truth hits (muonreg.reco.fit), so a result always reads against that reference.
+muons' truth hits (muonreg.reco.fit), so a result always reads against that reference; and next
+to two diagnostics that split the network's error into assignment and regression: the network's
+regression with the truth hit assignment (oracle), and the least-squares fit of the hits the
+network assigned (plain and outlier-rejecting).
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ import numpy as np
 
 from muonreg.evaluation import plots
 from muonreg.evaluation.metrics import binned, residuals, resolution_metrics
+
+# The methods of a report, and the prefix of their overall metrics (the network's have none).
+NETWORK, FIT = "network", "least-squares fit"
+ORACLE = "network, truth assignment"
+ASSIGNED_FIT, ROBUST_FIT = "fit of assigned hits", "robust fit of assigned hits"
+PREFIX = {ORACLE: "oracle_", FIT: "fit_", ASSIGNED_FIT: "assigned_fit_", ROBUST_FIT: "robust_fit_"}
+
 
 COLUMNS = (
     ("muons", "muons", "{:.0f}"),
@@ -56,15 +66,16 @@ def _markdown(tables: dict[str, dict[str, list[dict]]]) -> str:
 
 def write_report(
     out_dir: str | Path,
-    network: dict[str, np.ndarray],
-    reference: dict[str, np.ndarray] | None,
+    methods: dict[str, dict[str, np.ndarray]],
     pt_edges: list[float],
     eta_edges: list[float],
-) -> dict[str, float]:
-    """Write tables and plots into `out_dir`; return the reference's overall metrics (prefixed `fit_`)."""
+) -> tuple[dict[str, float], dict[str, dict[str, list[dict]]]]:
+    """Write tables and plots of `methods` (name -> TrackRecords rows, NETWORK first) into `out_dir`.
+
+    Returns the overall metrics of every method but the network, prefixed (PREFIX), and the tables.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = {"network": network, **({"least-squares fit": reference} if reference is not None else {})}
     tables = {m: _tables(rows, pt_edges, eta_edges) for m, rows in methods.items()}
     (out / "resolution.md").write_text(_markdown(tables))
     with open(out / "resolution.csv", "w", newline="") as f:
@@ -74,7 +85,10 @@ def write_report(
             for binning, rows in by.items():
                 for row in rows:
                     writer.writerow([method, binning, row["lo"], row["hi"], *[row[k] for k, _, _ in COLUMNS]])
-    plots.residual_histograms({m: residuals(rows) for m, rows in methods.items()}, out / "residuals.png")
+    plots.residual_histograms(
+        {m: residuals(rows) for m, rows in methods.items() if m in (NETWORK, ORACLE, FIT)},
+        out / "residuals.png",
+    )
     by_pt = {m: t["pT [GeV]"] for m, t in tables.items()}
     by_eta = {m: t["abs(eta)"] for m, t in tables.items()}
     plots.versus(
@@ -105,7 +119,7 @@ def write_report(
         log_x=False,
     )
     plots.versus(
-        {"network": by_pt["network"]},
+        {NETWORK: by_pt[NETWORK]},
         "track_efficiency",
         "track_efficiency_err",
         r"true $p_T$ [GeV]",
@@ -113,9 +127,31 @@ def write_report(
         out / "efficiency_vs_pt.png",
         log_x=True,
     )
-    if reference is None:
-        return {}
-    overall = tables["least-squares fit"]["all"][0]
-    return {
-        f"fit_{k}": v for k, v in overall.items() if k in dict((c[0], c) for c in COLUMNS) and k != "muons"
+    keys = {key for key, _, _ in COLUMNS} - {"muons"}
+    metrics = {
+        f"{PREFIX[m]}{k}": v
+        for m, t in tables.items()
+        if m in PREFIX
+        for k, v in t["all"][0].items()
+        if k in keys
     }
+    return metrics, tables
+
+
+def summary(tables: dict[str, dict[str, list[dict]]]) -> str:
+    """A few readable lines: the network beside the least-squares fit, overall and per pT bin."""
+    net, fit = tables[NETWORK], tables.get(FIT)
+    lines = [
+        "pT: 68 % core of (pT - true) / true, median bias, charge accuracy; network"
+        + (" | least-squares fit of the truth hits | core ratio" if fit else "")
+    ]
+    for i, row in enumerate([net["all"][0], *net["pT [GeV]"]]):
+        label = "all" if i == 0 else f"{row['lo']:g}-{row['hi']:g} GeV"
+        text = f"  {label:>11}: {row['pt_resolution']:.3f} {row['pt_bias']:+.3f} {row['charge_accuracy']:.3f}"
+        if fit:
+            ref = [fit["all"][0], *fit["pT [GeV]"]][i]
+            text += f" | {ref['pt_resolution']:.3f} {ref['pt_bias']:+.3f} {ref['charge_accuracy']:.3f}"
+            ratio = row["pt_resolution"] / ref["pt_resolution"] if ref["pt_resolution"] > 0 else float("nan")
+            text += f" | {ratio:.2f}x"
+        lines.append(text)
+    return "\n".join(lines)

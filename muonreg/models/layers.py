@@ -56,3 +56,31 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Standardize(nn.Module):
+    """Per-feature standardisation of the hit inputs, fitted on training data and saved with the model.
+
+    The reference scaling leaves inputs on very different scales (time x1e-5 and covariances x1e-6
+    are nearly invisible, drift radii in mm beside positions in m); (x - mean) / std over the
+    measured values puts every feature on one scale. Missing values stay 0.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("std", torch.ones(size))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, valid: torch.Tensor) -> None:
+        """x, valid [..., size]: statistics over the valid entries of each feature."""
+        x, valid = x.reshape(-1, x.shape[-1]).double(), valid.reshape(-1, valid.shape[-1])
+        count = valid.sum(0).clamp(min=1)
+        mean = torch.where(valid, x, 0.0).sum(0) / count
+        var = torch.where(valid, (x - mean) ** 2, 0.0).sum(0) / count
+        std = var.sqrt()
+        self.mean.copy_(mean.float())
+        self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)).float())
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, (x - self.mean) / self.std, torch.zeros_like(x))

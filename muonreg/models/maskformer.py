@@ -15,7 +15,7 @@ from torch import nn
 
 from muonreg.models.decoder import Decoder
 from muonreg.models.encoder import Encoder
-from muonreg.models.layers import mlp
+from muonreg.models.layers import Standardize, mlp
 from muonreg.models.matching import Matcher
 
 if TYPE_CHECKING:  # the tasks build on models.layers; import them for annotations only
@@ -46,7 +46,8 @@ class MaskFormer(nn.Module):
         aux_loss: bool = False,
     ):
         super().__init__()
-        # The input net sees every feature value and its validity flag: 2 * input_size inputs.
+        # The input net sees every (standardised) feature value and its validity flag: 2 * input_size inputs.
+        self.input_norm = Standardize(input_size)
         self.input_net = mlp(2 * input_size, dim, dim)
         self.encoder = Encoder(dim, encoder_layers, heads, dropout)
         self.decoder = Decoder(dim, decoder_layers, heads, num_queries, dropout)
@@ -57,8 +58,8 @@ class MaskFormer(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hit_x_valid, hit_valid = batch["hit_x_valid"], batch["hit_valid"]
-        # the loader writes 0 for missing values; enforce it so no sentinel or NaN ever reaches a layer
-        hit_x = torch.where(hit_x_valid, batch["hit_x"], 0.0)
+        # missing values are 0 after standardising, so no sentinel or NaN ever reaches a layer
+        hit_x = self.input_norm(batch["hit_x"], hit_x_valid)
         x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
         hits = self.encoder(x, hit_valid)
         states = self.decoder(
@@ -75,14 +76,42 @@ class MaskFormer(nn.Module):
         outputs.update(
             self.regression_task(
                 query=query,
-                hits=hits,
-                hit_x=hit_x,
-                hit_x_valid=hit_x_valid,
-                hit_valid=hit_valid,
                 hit_logit=outputs["track_hit_logit"],
+                **self._regression_inputs(batch, hits, hit_x),
             )
         )
         return outputs
+
+    @staticmethod
+    def _regression_inputs(
+        batch: dict[str, torch.Tensor], hits: torch.Tensor, hit_x: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        return {
+            "hits": hits,
+            "hit_x": hit_x,
+            "hit_x_valid": batch["hit_x_valid"],
+            "hit_valid": batch["hit_valid"],
+            "hit_geometry": batch.get("hit_geometry"),
+            "hit_geometry_valid": batch.get("hit_geometry_valid"),
+        }
+
+    @torch.no_grad()
+    def oracle_regression(
+        self, aligned: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Track parameters in physical units as the regression would give them with the truth hit
+        assignment (truth slot j's hits, weight 1) and each slot's matched query: what the
+        regression can do when the assignment is perfect. `aligned` is in truth order (see align)."""
+        if not hasattr(self.regression_task, "weights_from_probability"):
+            return {}
+        truth = self.truth(batch)
+        hit_x = self.input_norm(batch["hit_x"], batch["hit_x_valid"])
+        out = self.regression_task(
+            query=aligned["query_embed"],
+            hit_probability=truth["particle_hit_valid"].to(hit_x.dtype),
+            **self._regression_inputs(batch, aligned["hit_embed"], hit_x),
+        )
+        return self.regression_task.predict(out)
 
     def truth(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Truth slots padded to num_queries (extra slots are empty)."""

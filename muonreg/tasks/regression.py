@@ -5,12 +5,16 @@ The network works in an internal space: fields listed in `inverse_fields` are re
 deviation fitted on training targets. The loss lives in that space; `predict` returns the
 original physical space (GeV for pT), so the choice is invisible to the user and the metrics.
 With the signed-curvature target `truthMuon_qpt`, `predict` also returns pT = 1/|q/pT| and the
-charge as the sign.
+charge as the sign. pT is positive whatever the network outputs (a negative raw 1/pT decodes by
+its magnitude). phi is an angle: its loss is taken on the difference wrapped into [-pi, pi), so a
+prediction of +3.1 for a truth of -3.1 is 0.08 rad off, not 6.2, and predictions are wrapped.
+Each field's loss can be weighted (`loss_weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,14 @@ from torch import nn
 from muonreg.data.schema import QPT
 from muonreg.models.layers import mlp
 from muonreg.numerics import masked_mean, safe_inverse
+
+ANGLES = ("truthMuon_phi",)  # periodic fields: losses on wrapped differences
+POSITIVE = ("truthMuon_pt",)  # magnitudes: decoded as such
+
+
+def wrap(angle: torch.Tensor) -> torch.Tensor:
+    """An angle folded into [-pi, pi)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
 
 
 class TargetSpace(nn.Module):
@@ -32,10 +44,11 @@ class TargetSpace(nn.Module):
             raise ValueError(
                 f"inverse field(s) {unknown} are not regression targets; targets are {self.fields}"
             )
-        # a buffer, so it moves with the module: no host-to-device copy per step
+        # buffers, so they move with the module: no host-to-device copy per step
         self.register_buffer(
             "inverse", torch.tensor([f in inverse_fields for f in self.fields]), persistent=False
         )
+        self.register_buffer("angle", torch.tensor([f in ANGLES for f in self.fields]), persistent=False)
         self.register_buffer("mean", torch.zeros(len(self.fields)))
         self.register_buffer("std", torch.ones(len(self.fields)))
 
@@ -47,11 +60,24 @@ class TargetSpace(nn.Module):
         return torch.stack([truth[f"particle_{f}"] for f in self.fields], dim=-1)
 
     def encode(self, truth: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self._invert(self.physical(truth)) - self.mean) / self.std
+        return self.encode_values(self.physical(truth))
+
+    def encode_values(self, physical: torch.Tensor) -> torch.Tensor:
+        """Physical values [..., fields] into the internal (inverted, standardised) space."""
+        return (self._invert(physical) - self.mean) / self.std
+
+    def error(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Prediction minus target in the internal space, angles the short way round the circle."""
+        diff = raw - target
+        return torch.where(self.angle, wrap(diff * self.std) / self.std, diff)
 
     def decode(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         values = self._invert(raw * self.std + self.mean)
+        values = torch.where(self.angle, wrap(values), values)
         out = {f"track_{f}": values[..., i] for i, f in enumerate(self.fields)}
+        for f in POSITIVE:
+            if f"track_{f}" in out:
+                out[f"track_{f}"] = out[f"track_{f}"].abs()
         if "truthMuon_q" in self.fields:
             out["track_truthMuon_q"] = torch.where(out["track_truthMuon_q"] < 0, -1.0, 1.0)
         if QPT in self.fields:
@@ -74,10 +100,26 @@ class TargetSpace(nn.Module):
 class RegressionTask(nn.Module):
     """Shared loss/predict of the regression tasks; subclasses produce `track_regression` [b, n, fields]."""
 
-    def __init__(self, fields: Sequence[str], inverse_fields: Sequence[str] = (), loss_weight: float = 1.0):
+    def __init__(
+        self,
+        fields: Sequence[str],
+        inverse_fields: Sequence[str] = (),
+        loss_weight: float = 1.0,
+        field_weights: Mapping[str, float] | None = None,
+    ):
         super().__init__()
         self.space = TargetSpace(fields, inverse_fields)
         self.loss_weight = loss_weight
+        field_weights = dict(field_weights or {})
+        unknown = sorted(set(field_weights) - set(self.space.fields))
+        if unknown:
+            raise ValueError(
+                f"loss weights for {unknown}, which are not targets; targets are {self.space.fields}"
+            )
+        weights = [float(field_weights.get(f, 1.0)) for f in self.space.fields]
+        if any(w < 0 for w in weights) or not any(weights):
+            raise ValueError(f"field loss weights {weights} must be >= 0 and not all 0")
+        self.register_buffer("field_weights", torch.tensor(weights), persistent=False)
 
     @property
     def fields(self) -> list[str]:
@@ -94,8 +136,9 @@ class RegressionTask(nn.Module):
         valid = truth["particle_valid"]
         # invalid slots carry 0 targets; keep them out of the graph entirely
         target = torch.where(valid.unsqueeze(-1), target, torch.zeros_like(target))
-        error = F.smooth_l1_loss(outputs["track_regression"], target, reduction="none")
-        return {"track_regression": masked_mean(error, valid.unsqueeze(-1).expand_as(error))}
+        error = self.space.error(outputs["track_regression"], target)
+        loss = F.smooth_l1_loss(error, torch.zeros_like(error), reduction="none") * self.field_weights
+        return {"track_regression": masked_mean(loss, valid.unsqueeze(-1).expand_as(loss))}
 
     def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.space.decode(outputs["track_regression"])
@@ -111,8 +154,9 @@ class ObjectRegressionTask(RegressionTask):
         inverse_fields: Sequence[str] = (),
         loss_weight: float = 1.0,
         hidden: int | None = None,
+        field_weights: Mapping[str, float] | None = None,
     ):
-        super().__init__(fields, inverse_fields, loss_weight)
+        super().__init__(fields, inverse_fields, loss_weight, field_weights)
         self.net = mlp(dim, hidden or 2 * dim, len(self.fields), layers=3)
 
     def forward(self, query: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:

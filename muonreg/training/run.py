@@ -16,8 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import flatten, validate
-from muonreg.evaluation.reference import fit_reference
-from muonreg.evaluation.report import write_report
+from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.runs import job_run
 from muonreg.training import distributed
 from muonreg.training.checkpoint import config_hash, find_resumable, load_checkpoint
@@ -25,7 +24,7 @@ from muonreg.training.device import autocast_dtype, release_freed_memory, resolv
 from muonreg.training.health import HealthGuard
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
-from muonreg.training.setup import build_data, build_loaders, build_model, target_sample
+from muonreg.training.setup import build_data, build_loaders, build_model, fit_normalizations
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +103,7 @@ def _train_and_test(
     device = world.device or resolve_device(str(cfg.trainer.device))
     data = build_data(cfg, progress=world.is_main)
     model = build_model(cfg, data.features)
-    targets, valid = target_sample(data.datasets["train"], list(cfg.inverse_fields.targets))
-    model.regression_task.fit_normalization(targets, valid)
+    fit_normalizations(model, data.datasets["train"], list(cfg.inverse_fields.targets))
     model.to(device)
     if run is not None:
         mlflow.set_tags({"dataset": str(data.path), "device": str(device)})
@@ -163,20 +161,29 @@ def _train_and_test(
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
     test = data.datasets["test"]
     if len(test):
-        test_metrics, records = trainer.evaluate("test")
-        reference = (
-            fit_reference(test.reader, test.indices, cfg.paths.data) if cfg.evaluation.fit_reference else None
-        )
-        fit_metrics = write_report(
+        test_metrics, text = full_evaluation(
+            trainer.model,
+            loaders["test"],
+            test,
+            device,
+            trainer.amp_dtype,
+            cfg.evaluation,
+            cfg.paths.data,
             out / "evaluation",
-            records.arrays(),
-            reference,
-            list(cfg.evaluation.pt_bins),
-            list(cfg.evaluation.eta_bins),
         )
-        test_metrics.update({f"test/{k}": v for k, v in fit_metrics.items()})
         log_metrics(test_metrics, trainer.state.epoch)
-        log.info("test: %s", {k: round(v, 5) for k, v in test_metrics.items()})
+        log.info(
+            "test split, %d events:\n%s\ntracking: efficiency %.3f, fake rate %.3f, hit efficiency %.3f, "
+            "hit purity %.3f\nreport: %s%s",
+            len(test),
+            text,
+            test_metrics["test/track_efficiency"],
+            test_metrics["test/fake_rate"],
+            test_metrics["test/hit_efficiency"],
+            test_metrics["test/hit_purity"],
+            out / "evaluation" / "resolution.md",
+            f"\nMLflow run {run.info.run_id}: `make ui` and open http://127.0.0.1:5000" if run else "",
+        )
     if run is not None:
         _log_artifacts(cfg, out, best_path)
     return best

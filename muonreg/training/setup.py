@@ -116,6 +116,7 @@ def build_loaders(
 def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
     m = cfg.model
     targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
+    field_weights = OmegaConf.to_container(cfg.tasks.loss_weights) if cfg.tasks.get("loss_weights") else None
     if cfg.tasks.name == "weighted_pooling":
         hit_fields = cfg.tasks.hit_fields
         regression = WeightedPoolingObjectHitRegressionTask(
@@ -129,10 +130,19 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
             pooling=list(cfg.pooling.ops),
             loss_weight=cfg.tasks.loss_weight,
             detach_assignment=cfg.tasks.detach_assignment,
+            field_weights=field_weights,
+            anchor=cfg.tasks.anchor,
+            local=cfg.pooling.get("local", False),
+            hidden=cfg.tasks.hidden,
         )
     else:
         regression = ObjectRegressionTask(
-            m.dim, fields=targets, inverse_fields=inverse, loss_weight=cfg.tasks.loss_weight
+            m.dim,
+            fields=targets,
+            inverse_fields=inverse,
+            loss_weight=cfg.tasks.loss_weight,
+            field_weights=field_weights,
+            hidden=cfg.tasks.hidden,
         )
     return MaskFormer(
         input_size=features.size,
@@ -151,14 +161,19 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
     )
 
 
-def target_sample(
-    dataset: MuonEventDataset, fields: list[str], n: int = 2000
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Targets of up to `n` evenly spread training events, for the regression normalisation."""
+def fit_normalizations(
+    model: MaskFormer, dataset: MuonEventDataset, fields: list[str], n: int = 2000
+) -> None:
+    """Input standardisation and target normalisation from up to `n` evenly spread training events
+    (saved with the model, so a checkpoint predicts exactly as trained)."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
     items = [dataset[int(i)] for i in picks]
+    model.input_norm.fit(
+        torch.from_numpy(np.concatenate([it["hit_x"] for it in items])),
+        torch.from_numpy(np.concatenate([it["hit_x_valid"] for it in items])),
+    )
     valid = torch.from_numpy(np.stack([it["particle_valid"] for it in items]))
     targets = {
         f"particle_{f}": torch.from_numpy(np.stack([it[f"particle_{f}"] for it in items])) for f in fields
     }
-    return targets, valid
+    model.regression_task.fit_normalization(targets, valid)

@@ -1,0 +1,47 @@
+"""The evaluation of a split with every reference: what a run ends with, and `python -m muonreg.evaluate`.
+
+The network's own metrics and records; the oracle (its regression on the truth hit assignment);
+the least-squares fit of the truth hits (cached per dataset); the least-squares fit of the hits
+the network assigned, plain and robust; then the report (tables, plots) and a short summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from muonreg.data.dataset import MuonEventDataset
+from muonreg.evaluation.assigned_fit import assigned_fit_rows
+from muonreg.evaluation.inference import evaluate
+from muonreg.evaluation.metrics import TrackRecords
+from muonreg.evaluation.reference import fit_reference
+from muonreg.evaluation.report import ASSIGNED_FIT, FIT, NETWORK, ORACLE, ROBUST_FIT, summary, write_report
+
+
+def full_evaluation(
+    model: nn.Module,
+    loader: DataLoader,
+    dataset: MuonEventDataset,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    evaluation: DictConfig,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    prefix: str = "test",
+) -> tuple[dict[str, float], str]:
+    """Evaluate, write the report into `out_dir`; return (metrics `<prefix>/...`, a readable summary)."""
+    oracle = TrackRecords()
+    metrics, records = evaluate(model, loader, device, amp_dtype, prefix=prefix, diagnostics=oracle)
+    methods = {NETWORK: records.arrays(), ORACLE: oracle.arrays()}
+    if evaluation.fit_reference:
+        methods[FIT] = fit_reference(dataset.reader, dataset.indices, cache_dir)
+    if evaluation.get("assigned_fit_events", 0):
+        for name, robust in ((ASSIGNED_FIT, False), (ROBUST_FIT, True)):
+            methods[name] = assigned_fit_rows(records, dataset.reader, robust, evaluation.assigned_fit_events)
+    extra, tables = write_report(out_dir, methods, list(evaluation.pt_bins), list(evaluation.eta_bins))
+    metrics.update({f"{prefix}/{k}": v for k, v in extra.items()})
+    return metrics, summary(tables)
