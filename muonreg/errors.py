@@ -8,6 +8,7 @@ traceback: the traceback of a bad override or a truncated file only hides the me
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,14 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+def root_cause(err: BaseException) -> str:
+    """What a chain of wrapped library errors comes down to, on one line (e.g. "database is
+    locked" rather than an MlflowException quoting SQLAlchemy quoting the SQL)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 @contextmanager
 def hydra_user_errors() -> Iterator[None]:
     """Inside Hydra (task function, callbacks): a user error leaves as a one-line ReportedError."""
@@ -49,11 +58,13 @@ def hydra_user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def cli_user_errors() -> Iterator[None]:
-    """In a command-line tool: a user error exits with status 1 and its one-line message."""
+def exit_on_user_errors() -> Iterator[None]:
+    """In a command-line tool, or a Hydra callback (Hydra would only warn and go on): a user error
+    exits with status 1 and its one-line message (or its traceback, with the switch on)."""
     try:
         yield
     except UserError as err:
         if full_traceback():
-            raise
+            traceback.print_exc()
+            raise SystemExit(1) from None
         raise SystemExit(f"error: {one_line(err)}") from None
