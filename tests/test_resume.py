@@ -59,7 +59,8 @@ def _steps(root: Path, run_id: str, key: str) -> list[int]:
 
 
 def test_resume_continues_in_the_original_directory_and_never_touches_a_finished_run(root, data_dir):
-    common = ["trainer.max_epochs=3", "trainer.checkpoint_every_steps=1"]
+    # DataLoader workers, forked by the killed process, must not make its run look alive
+    common = ["trainer.max_epochs=3", "trainer.checkpoint_every_steps=1", "trainer.num_workers=2"]
     _kill_when(root, data_dir, common, lambda: _sidecar(root).get("global_step", 0) >= 11)  # in epoch 1
     (killed,) = runs(root)
     assert killed.info.status == "RUNNING"

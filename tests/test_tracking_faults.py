@@ -28,6 +28,14 @@ from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import TrackingError, connect
 from muonreg.training.rundir import RunDir, find_resumable, resume_target
 
+HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "w")
+fcntl.lockf(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
 
 @pytest.fixture
 def store(tmp_path, empty_mlflow_db) -> tuple[MlflowClient, str, str]:
@@ -221,8 +229,12 @@ def test_resume_takes_neither_a_live_nor_a_finished_run(tmp_path, store):
     live_id, finished_id = (c.create_run(experiment).info.run_id for _ in range(2))
     c.set_terminated(finished_id, "FINISHED")
     live = RunDir(tmp_path / "outputs/live")
-    assert live.acquire()  # as the process training it does, for its whole life
+    live.path.mkdir(parents=True)
     live.write(config_hash="h", mlflow_run_id=live_id, done=False)
+    trainer = subprocess.Popen(  # holds the run's lock, as the process training it does, for its life
+        [sys.executable, "-c", HOLD_LOCK, str(live.path / "run.lock")], stdout=subprocess.PIPE, text=True
+    )
+    assert trainer.stdout.readline() == "locked\n"
     finished = RunDir(tmp_path / "outputs/finished")  # killed between MLflow's FINISHED and run.json
     finished.path.mkdir(parents=True)
     finished.write(config_hash="h", mlflow_run_id=finished_id, done=False)
@@ -231,7 +243,8 @@ def test_resume_takes_neither_a_live_nor_a_finished_run(tmp_path, store):
     assert finished.record["done"]  # repaired from MLflow
     with pytest.raises(ConfigError, match=r"is finished, and a finished run is never resumed"):
         resume_target(finished.path / "checkpoints/last.pt", c)
-    live.release()  # its process died
+    trainer.kill()  # its process dies
+    trainer.wait()
     found = find_resumable([tmp_path / "outputs"], "h", c)
     assert found is not None and found.path == live.path
     found.release()

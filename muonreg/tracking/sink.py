@@ -131,9 +131,9 @@ class TrackingSink:
                         return
                     self._changed.wait(timeout=HEARTBEAT_S / 4)
                 record = self._pending[0] if self._pending else None
+            if not self._failing and time.monotonic() - self._last_beat >= HEARTBEAT_S:
+                self._beat()
             if record is None:
-                if not self._failing and time.monotonic() - self._last_beat >= HEARTBEAT_S:
-                    self._beat()
                 continue
             if self._write(record):
                 with self._changed:

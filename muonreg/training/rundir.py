@@ -1,10 +1,12 @@
 """A run's directory: the one place a run lives, across however many processes train it.
 
 `run.json` records which MLflow run the directory feeds, the config hash and whether the run is
-done (trained, tested, everything logged). `run.lock` is held (flock) by the process working on
-the run for as long as it lives; the kernel drops the lock when that process dies, however it
-dies, kill -9 included. So `resume=auto` can tell a run whose process died (lock free) from one
-still training (lock held), and two processes never continue the same run.
+done (trained, tested, everything logged). `run.lock` is held by the process working on the run
+for as long as it lives; the kernel drops the lock when that process dies, however it dies, kill -9
+included. So `resume=auto` can tell a run whose process died (lock free) from one still training
+(lock held), and two processes never continue the same run. It is a POSIX record lock (lockf),
+which belongs to the process alone: a BSD flock would be shared with forked DataLoader workers,
+which outlive a killed parent by seconds and would make a dead run look alive.
 
 Which state wins: MLflow says FINISHED only after the run is complete, and `done` is written
 right after; a run is resumed only when neither says it is complete, and a `done` missing behind
@@ -59,8 +61,8 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.path / LOCK, "w")  # noqa: SIM115 (held open until release or exit)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
             handle.close()
             return False
         self._lock = handle
