@@ -48,7 +48,7 @@ def root_cause(err: BaseException) -> str:
 
 @contextmanager
 def hydra_user_errors() -> Iterator[None]:
-    """Inside Hydra (task function, callbacks): a user error leaves as a one-line ReportedError."""
+    """In Hydra's task function: a user error leaves as a one-line ReportedError."""
     try:
         yield
     except UserError as err:

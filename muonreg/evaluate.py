@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
-from muonreg.errors import exit_on_user_errors
+from muonreg.errors import exit_on_user_errors, root_cause
 from muonreg.evaluation.inference import evaluate
 from muonreg.evaluation.reference import fit_reference
 from muonreg.evaluation.report import write_report
@@ -101,9 +101,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         finished_run(connect(uri), args.run_id, uri)
         mlflow.set_tracking_uri(uri)
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
-            )
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
+                )
+            except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
+                raise TrackingError(
+                    f"MLflow run {args.run_id} has no checkpoints/best.pt artifact to evaluate ({root_cause(err)})"
+                ) from err
             metrics, report = evaluate_checkpoint(
                 path, args.split, args.out or Path(tmp) / "report", args.device, not args.no_reference
             )

@@ -99,9 +99,6 @@ class RecordBuffer:
             header = json.loads(f.readline())
         return cls(path, header["run_id"], header["tracking_uri"])
 
-    def __bool__(self) -> bool:
-        return self.path.is_file()
-
     def append(self, record: Record) -> None:
         new = not self.path.is_file()
         with open(self.path, "a") as f:
