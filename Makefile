@@ -55,6 +55,8 @@ bench: install
 	$(PY) bench/loader_throughput.py --workers 2
 	$(PY) bench/pooling_memory.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/reliability.py concurrent --jobs 8
+	$(PY) bench/reliability.py kill --trials 4
 
 clean:
 	rm -rf outputs multirun bench/out .pytest_cache .ruff_cache

@@ -2,7 +2,8 @@
 
 By default the latest sweep (the newest parent run made by a multirun). One row per combination
 of the swept parameters, with the mean and spread over seeds of the key test metrics, and how
-many of its runs FINISHED, FAILED or are still RUNNING (failed rows are shown, not dropped). Plots
+many of its runs FINISHED, FAILED, are still RUNNING, or are DEAD: RUNNING in MLflow, but their
+process died without closing them (failed rows are shown, not dropped). Plots
 show each metric against each numeric swept parameter. The report (Markdown, CSV, PNG) is
 written to --out and logged to the sweep's parent run. Works on the SQLite store and on an
 `mlflow server` alike (--tracking-uri or MLFLOW_TRACKING_URI).
@@ -25,7 +26,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from muonreg.config import project_root
-from muonreg.tracking.runs import default_tracking_uri
+from muonreg.errors import exit_on_user_errors
+from muonreg.tracking.liveness import process_died
+from muonreg.tracking.store import connect, default_tracking_uri
 
 METRICS = (
     ("test/pt_resolution", "σ(pT)/pT core"),
@@ -100,7 +103,7 @@ def table(runs: list[Run], swept: list[str]) -> list[dict]:
     for values, members in sorted(groups.items()):
         status = defaultdict(int)
         for run in members:
-            status[run.info.status] += 1
+            status["DEAD" if process_died(run) else run.info.status] += 1
         done = [r for r in members if r.info.status == "FINISHED"]
         row = {
             **dict(zip(keys, values, strict=True)),
@@ -200,7 +203,7 @@ def compare(
     filter_string: str = "",
     out: str | Path | None = None,
 ) -> tuple[list[dict], Path]:
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = connect(tracking_uri or default_tracking_uri())
     root, runs = select_runs(client, parent, experiment, filter_string)
     if not runs:
         raise SystemExit("no runs match this selection")
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"params.seed = '0'\"")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/compare-<parent>)")
     args = parser.parse_args(argv)
-    _, out = compare(args.tracking_uri, args.parent, args.experiment, args.filter, args.out)
+    with exit_on_user_errors():
+        _, out = compare(args.tracking_uri, args.parent, args.experiment, args.filter, args.out)
     print((out / "compare.md").read_text())
     print(f"report: {out}")
 

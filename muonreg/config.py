@@ -11,20 +11,32 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from muonreg.data.features import DERIVED
-from muonreg.data.format import METADATA, is_dataset
+from muonreg.data.format import is_dataset, read_metadata
 from muonreg.data.schema import HIT_FEATURES
+from muonreg.errors import UserError
 
 POOLING_OPS = ("mean", "sum", "max", "min", "station", "fit")
 THRESHOLD_MODES = ("hard", "soft")
 REGRESSION_TASKS = ("weighted_pooling", "object_regression")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_SEED = 2**32 - 1  # numpy's seed range
+# Each config group and a key its option must set: `pooling=[]` composes to no option at all.
+GROUP_KEYS = {
+    "data": "split",
+    "data/features": "columns",
+    "model": "dim",
+    "tasks": "name",
+    "pooling": "ops",
+    "threshold": "mode",
+    "inverse_fields": "targets",
+    "trainer": "batch_size",
+}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
 
 
@@ -54,8 +66,7 @@ def _dataset_columns(cfg: DictConfig) -> list[str]:
             "is not a dataset in the hepattn ATLAS-muon layout (needs metadata.yaml, "
             "event_file_indices.npy, event_row_indices.npy and data/*.h5)",
         )
-    with open(path / METADATA) as f:
-        return list((yaml.safe_load(f) or {}).get("hit_features", []))
+    return list(read_metadata(path)["hit_features"])
 
 
 def feature_names(cfg: DictConfig) -> list[str]:
@@ -69,11 +80,16 @@ def _fail(key: str, value: Any, why: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value that a typo could break; raise ConfigError naming the key."""
+    for group, key in GROUP_KEYS.items():
+        node = OmegaConf.select(cfg, group.replace("/", "."))
+        if not isinstance(node, DictConfig) or key not in node:
+            options = sorted(p.stem for p in (project_root() / "conf" / group).glob("*.yaml"))
+            raise ConfigError(f"{group} selects no option (e.g. {group}=[]); choose one of {options}")
     t = cfg.assignment_threshold
     if not isinstance(t, (int, float)) or not 0 < t < 1:
         _fail("assignment_threshold", t, "must be a number strictly between 0 and 1")
-    if not isinstance(cfg.seed, int):
-        _fail("seed", cfg.seed, "must be an integer")
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
+        _fail("seed", cfg.seed, f"must be an integer from 0 to {MAX_SEED}")
     if cfg.threshold.mode not in THRESHOLD_MODES:
         _fail("threshold.mode", cfg.threshold.mode, f"must be one of {list(THRESHOLD_MODES)}")
     if cfg.tasks.name not in REGRESSION_TASKS:
@@ -139,6 +155,9 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"trainer.{key}", tr[key], "must be a positive integer")
     if not tr.lr > 0:
         _fail("trainer.lr", tr.lr, "must be positive")
+    for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        if not isinstance(tr[key], (int, float)) or tr[key] < 0:
+            _fail(f"trainer.{key}", tr[key], "must be a number >= 0 (0: off)")
     if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
         _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
 

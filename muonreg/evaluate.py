@@ -14,10 +14,15 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
+from muonreg.errors import exit_on_user_errors, root_cause
 from muonreg.evaluation.full import full_evaluation
+from muonreg.tracking.liveness import process_died
+from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
 from muonreg.training.checkpoint import load_checkpoint
 from muonreg.training.device import autocast_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
@@ -60,6 +65,24 @@ def evaluate_checkpoint(
     return metrics, report
 
 
+def finished_run(client: MlflowClient, run_id: str, uri: str) -> None:
+    """Check that `run_id` is a FINISHED run of the store: only those have a best checkpoint for sure."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(f"MLflow store {uri} holds no run {run_id!r} ({err.message})") from err
+    if run.info.status == "FINISHED":
+        return
+    status = "DEAD (RUNNING, but its process died)" if process_died(run) else run.info.status
+    run_dir = run.data.tags.get("muonreg.run_dir")
+    instead = (
+        f"evaluate its latest checkpoint with --checkpoint {run_dir}/checkpoints/last.pt"
+        if run_dir
+        else "finish it first (python train.py ... resume=auto)"
+    )
+    raise TrackingError(f"MLflow run {run_id} is {status}, not FINISHED; {instead}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.evaluate", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -77,14 +100,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the least-squares fit reference")
     args = parser.parse_args(argv)
-    if args.run_id:
-        from muonreg.tracking.runs import default_tracking_uri
+    with exit_on_user_errors():
+        _evaluate(args)
 
-        mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
+
+def _evaluate(args: argparse.Namespace) -> None:
+    if args.run_id:
+        uri = args.tracking_uri or default_tracking_uri()
+        finished_run(connect(uri), args.run_id, uri)
+        mlflow.set_tracking_uri(uri)
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
-            )
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
+                )
+            except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
+                raise TrackingError(
+                    f"MLflow run {args.run_id} has no checkpoints/best.pt artifact to evaluate ({root_cause(err)})"
+                ) from err
             metrics, report = evaluate_checkpoint(
                 path, args.split, args.out or Path(tmp) / "report", args.device, not args.no_reference
             )

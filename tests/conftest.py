@@ -100,6 +100,17 @@ def write_reference_dataset(
     return path
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema made (MLflow's migrations take ~10 s): tests copy it
+    to `<root>/mlflow.db` rather than each paying for a fresh one."""
+    from muonreg.tracking.store import connect
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    connect(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
 def reference_dataset(tmp_path: Path) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
     hits, tracks = random_events(30)

@@ -72,12 +72,19 @@ def test_top_level_keys_and_combinations():
             "data.features.columns=[spacePoint_time,spacePoint_drift]",
             r"data\.features\.columns=.*\['spacePoint_drift'\]",
         ),
-        ("pooling.ops=[mean,median]", r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min', 'station', 'fit'\]"),
+        (
+            "pooling.ops=[mean,median]",
+            r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min', 'station', 'fit'\]",
+        ),
         ("model.num_queries=1", r"model\.num_queries=1 must be at least data\.max_particles=2"),
         ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),
         ("data.path=/nonexistent/dir", r"data\.path='/nonexistent/dir' is not a dataset"),
         ("resume=/no/such.pt", r"resume='/no/such\.pt' must be null, auto or the path"),
+        ("seed=-1", r"seed=-1 must be an integer from 0 to 4294967295"),
+        ("seed=4294967296", r"seed=4294967296 must be an integer"),
+        ("pooling=[]", r"pooling selects no option \(e\.g\. pooling=\[\]\); choose one of \['all', "),
+        ("data/features=[]", r"data/features selects no option"),
     ],
 )
 def test_invalid_values_name_their_key(override, message):

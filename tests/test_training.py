@@ -33,7 +33,7 @@ def loaders(tmp_path_factory):
     }
 
 
-def _trainer(loaders, tmp_path, max_consecutive=3, max_epochs=2, seed=0):
+def _trainer(loaders, tmp_path, max_consecutive=3, max_epochs=2, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = make_model(input_size=len(FEATURES))
     optimizer = build_optimizer(model, 1e-3, 1e-5)
@@ -46,6 +46,7 @@ def _trainer(loaders, tmp_path, max_consecutive=3, max_epochs=2, seed=0):
         max_epochs=max_epochs,
         checkpoint_dir=tmp_path / "checkpoints",
         guard=HealthGuard(max_consecutive, tmp_path / "nonfinite"),
+        **kwargs,
     )
 
 
@@ -155,3 +156,10 @@ def test_bucketed_and_plain_batches_give_the_same_per_event_outputs(loaders, tmp
     for event in a:
         for key in a[event]:
             torch.testing.assert_close(a[event][key], b[event][key], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, checkpoint_every_minutes=1e-9)  # by default every 2 minutes
+    trainer.train_epoch()
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1

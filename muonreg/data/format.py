@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import yaml
 
 from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_LINK
+from muonreg.errors import UserError
 
 METADATA = "metadata.yaml"
 FILE_INDICES = "event_file_indices.npy"
@@ -33,7 +35,7 @@ ROW_INDICES = "event_row_indices.npy"
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 256, 1024  # rows read at once: the file's chunk height, within these bounds
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A dataset on disk does not follow the layout; the message names file, row and problem."""
 
 
@@ -64,6 +66,37 @@ def is_dataset(path: str | os.PathLike) -> bool:
     return all((path / name).is_file() for name in (METADATA, FILE_INDICES, ROW_INDICES))
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The dataset's `metadata.yaml`, checked for the keys every reader needs."""
+    meta_path = Path(path) / METADATA
+    try:
+        with open(meta_path) as f:
+            metadata = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise DataFormatError(f"{meta_path}: not valid YAML ({err})") from err
+    if not metadata:
+        raise DataFormatError(
+            f"{meta_path} is empty; it must list hit_features, track_features and event_mapping"
+        )
+    if not isinstance(metadata, dict):
+        raise DataFormatError(f"{meta_path}: expected a mapping of keys, found {type(metadata).__name__}")
+    for key in ("hit_features", "track_features", "event_mapping"):
+        if key not in metadata:
+            raise DataFormatError(f"{meta_path}: missing key '{key}'")
+    return metadata
+
+
+@contextmanager
+def _reading(file: Path, where: str) -> Iterator[None]:
+    """h5py reports a truncated file or a corrupted compressed chunk as a bare OSError: name them."""
+    try:
+        yield
+    except OSError as err:
+        raise DataFormatError(
+            f"{file}: {where}: cannot be read, the file is truncated or corrupted ({err})"
+        ) from err
+
+
 def _decode(names: Iterable) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
@@ -91,11 +124,7 @@ class DatasetReader:
                     f"{self.path}: missing {name}; this is not a dataset in the hepattn layout"
                 )
         meta_path = self.path / METADATA
-        with open(meta_path) as f:
-            self.metadata = yaml.safe_load(f) or {}
-        for key in ("hit_features", "track_features", "event_mapping"):
-            if key not in self.metadata:
-                raise DataFormatError(f"{meta_path}: missing key '{key}'")
+        self.metadata = read_metadata(self.path)
         self.hit_features = _decode(self.metadata["hit_features"])
         self.track_features = _decode(self.metadata["track_features"])
         for kind, have, need in (
@@ -217,6 +246,10 @@ class DatasetReader:
 
     def _block(self, file_idx: int, row: int, index: int) -> _Block:
         """The cached block holding `row`, read (and checked) on first use."""
+        with _reading(self.files[file_idx], f"event row {row} (dataset event {index})"):
+            return self._read_block(file_idx, row, index)
+
+    def _read_block(self, file_idx: int, row: int, index: int) -> _Block:
         rows = self.block_rows(file_idx)
         key = (file_idx, row // rows)
         block = self._cache.get(key)
@@ -289,9 +322,17 @@ class DatasetReader:
         for file_idx in range(len(self.files)):
             selected = np.flatnonzero(file_indices == file_idx)
             if len(selected):
-                per_file = self._open(file_idx)["num_hits"][:]
+                with _reading(self.files[file_idx], "num_hits"):
+                    per_file = self._open(file_idx)["num_hits"][:]
                 counts[selected] = per_file[np.asarray(self.row_indices)[selected]]
         return counts
+
+    def track_arrays(self, file_idx: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(num_tracks, tracks) of a whole file, a few bytes per event, for checks made up front;
+        `where` names the events that needed them, for the error if the file cannot be read."""
+        with _reading(self.files[file_idx], where):
+            f = self._open(file_idx)
+            return f["num_tracks"][:].astype(np.int64), np.asarray(f["tracks"][:], dtype=np.float32)
 
 
 def _pad(arrays: Sequence[np.ndarray], width: int, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,9 @@
-"""MLflow runs of training jobs: where they are stored, how they are named, what they log.
+"""MLflow runs of training jobs: the store they go to, how they are named, how they open and close.
 
-The default store is an absolute `sqlite:///<root>/mlflow.db` (MLflow's file store is gone in
-3.x), so a job's working directory never matters; `MLFLOW_TRACKING_URI` in the environment wins,
-so a team's `mlflow server` needs no config edit. Runs are always opened with
-`with mlflow.start_run(...)`, which marks them FAILED if the body raises.
+A job's run is created (or, resumed, reopened) in the job's process, as a child of the sweep's
+parent run inside a multirun, and every write to it goes through a TrackingSink, so a tracking
+fault mid-run never stops training. The run always ends: FINISHED, FAILED on an exception, KILLED
+on Ctrl-C or a scheduler's SIGTERM (ready to resume).
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
-from muonreg.config import project_root
+from muonreg.errors import root_cause
+from muonreg.tracking.liveness import heartbeat_tag
+from muonreg.tracking.sink import TrackingSink
+from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
 
 PARENT_FILE = "mlflow_parent_run_id"  # written into a multirun's sweep dir by the sweep callback
-
-
-def default_tracking_uri(root: str | Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI if set, else the SQLite database at the project root (or `root`)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(root or project_root()).resolve() / 'mlflow.db'}"
+BUFFER_FILE = "tracking-buffer.jsonl"  # records the store did not take, in the run directory
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -37,22 +35,26 @@ def tracking_uri(cfg: DictConfig) -> str:
     return default_tracking_uri(cfg.paths.root)
 
 
-def setup_experiment(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and return the experiment id (created if new)."""
+def setup_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
+    """A client on the configured store and the experiment id (created if new)."""
     uri = tracking_uri(cfg)
+    client = connect(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
     name = str(cfg.tracking.experiment)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return experiment.experiment_id
+        return client, experiment.experiment_id
     # Local stores keep artifacts beside the database; a server decides for itself.
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = (Path(cfg.paths.root).resolve() / "mlartifacts").as_uri() if local else None
+    location = (
+        (Path(cfg.paths.root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    )
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client, client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created by a parallel job meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return client, experiment.experiment_id
 
 
 def job_overrides() -> tuple[list[str], int | None, str | None]:
@@ -75,22 +77,33 @@ def parent_run_id(sweep_dir: str | None) -> str | None:
 
 
 @contextmanager
-def job_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """The MLflow run of one training job: a child of the sweep's parent run inside a multirun."""
-    experiment_id = setup_experiment(cfg)
-    overrides, job_num, sweep_dir = job_overrides()
-    name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths."))) or "default"
-    tags = {"overrides": " ".join(overrides) or "(none)"}
-    if job_num is not None:
-        tags["hydra.job.num"] = str(job_num)
-    kwargs = (
-        {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id, "run_name": name}
-    )
-    with mlflow.start_run(
-        parent_run_id=None if resume_run_id else parent_run_id(sweep_dir), tags=tags, **kwargs
-    ) as run:
-        try:
-            yield run
-        except KeyboardInterrupt:  # Ctrl-C or a scheduler's SIGTERM: stopped, not broken
-            mlflow.end_run("KILLED")
-            raise
+def job_run(cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> Iterator[TrackingSink]:
+    """The MLflow run of one training job, written through a sink buffering into `run_dir`."""
+    client, experiment_id = setup_experiment(cfg)
+    uri = tracking_uri(cfg)
+    try:
+        if resume_run_id:
+            client.update_run(resume_run_id, status="RUNNING")
+            run_id = resume_run_id
+        else:
+            overrides, job_num, sweep_dir = job_overrides()
+            name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths."))) or "default"
+            tags = {"overrides": " ".join(overrides) or "(none)", **heartbeat_tag()}
+            if job_num is not None:
+                tags["hydra.job.num"] = str(job_num)
+            parent = parent_run_id(sweep_dir)
+            if parent:
+                tags[MLFLOW_PARENT_RUN_ID] = parent
+            run_id = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags)).info.run_id
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"MLflow tracking store {uri}: cannot open the run ({root_cause(err)})") from err
+    sink = TrackingSink(client, run_id, uri, run_dir / BUFFER_FILE, resumed=resume_run_id is not None)
+    status = "FAILED"
+    try:
+        yield sink
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or a scheduler's SIGTERM: stopped, not broken
+        status = "KILLED"
+        raise
+    finally:
+        sink.close(status)

@@ -2,7 +2,8 @@
 
 Creating the database, the experiment and the parent run in the launching process means parallel
 jobs (joblib, submitit) never race on SQLite schema creation, and every job finds its parent in
-`<sweep dir>/mlflow_parent_run_id`. Hydra skips `on_multirun_end` when a job fails, so the parent
+`<sweep dir>/mlflow_parent_run_id`. The sweep dir is made before the parent run, so an unwritable
+`hydra.sweep.dir` fails the sweep without leaving a parent behind. Hydra skips `on_multirun_end` when a job fails, so the parent
 is also closed at interpreter exit: FINISHED only if the sweep ended normally and every child
 FINISHED, FAILED otherwise; it never stays RUNNING.
 """
@@ -19,6 +20,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from muonreg.errors import exit_on_user_errors
 from muonreg.tracking.runs import PARENT_FILE, setup_experiment
 
 log = logging.getLogger(__name__)
@@ -32,27 +34,34 @@ def _sweep_name(config: DictConfig) -> str:
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
+        self.client: MlflowClient | None = None
         self.completed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from muonreg.config import validate
+        with exit_on_user_errors():  # Hydra would turn an exception into a warning and sweep on
+            self._open_parent(config)
+
+    def _open_parent(self, config: DictConfig) -> None:
+        from muonreg.config import ConfigError, validate
         from muonreg.training.setup import dataset_path
 
         validate(config)
-        dataset_path(config)  # generate the shared default dataset once, before jobs start
-        experiment_id = setup_experiment(config)
-        client = MlflowClient()
         sweep_dir = Path(config.hydra.sweep.dir)
-        run = client.create_run(
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"hydra.sweep.dir={str(sweep_dir)!r} cannot be created ({err})") from err
+        dataset_path(config)  # generate the shared default dataset once, before jobs start
+        self.client, experiment_id = setup_experiment(config)
+        run = self.client.create_run(
             experiment_id,
             run_name=_sweep_name(config),
             tags={"sweep_dir": str(sweep_dir), "muonreg.role": "sweep"},
         )
         self.parent_id = run.info.run_id
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self._close)  # from here on the parent is closed however the sweep ends
         (sweep_dir / PARENT_FILE).write_text(self.parent_id)
         os.environ["MUONREG_PARENT_RUN_ID"] = self.parent_id
-        atexit.register(self._close)
         log.info("MLflow parent run %s (experiment %s)", self.parent_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -62,7 +71,7 @@ class MlflowSweepCallback(Callback):
     def _close(self) -> None:
         if self.parent_id is None:
             return
-        client = MlflowClient()
+        client = self.client
         if client.get_run(self.parent_id).info.status != "RUNNING":
             return
         children = client.search_runs(

@@ -2,9 +2,10 @@
 
 A checkpoint holds the model, optimiser, scheduler, the position in the epoch, early-stopping
 state, every RNG state and the MLflow run id. It is written to a temporary file and renamed, so
-a kill during the write leaves the previous checkpoint intact. A small JSON sidecar carries the
-config hash, so `resume=auto` finds the newest unfinished run of the same config without
-loading every checkpoint.
+a kill during the write leaves the previous checkpoint intact. A small JSON sidecar says what it
+holds (epoch, step, whether training finished) to tools that do not load torch. Which run a
+checkpoint belongs to, and whether that run is done, is its run directory's business
+(muonreg.training.rundir).
 """
 
 from __future__ import annotations
@@ -54,21 +55,3 @@ def save_checkpoint(path: Path, state: dict[str, Any], sidecar: dict[str, Any]) 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # Our own files: they carry numpy RNG state, so the full unpickler is needed.
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def find_resumable(search_dirs: list[str | Path], cfg_hash: str) -> Path | None:
-    """The newest unfinished `last.pt` written by a run of the same config, if any."""
-    candidates = []
-    for root in search_dirs:
-        for sidecar in Path(root).glob("**/checkpoints/last.pt.json"):
-            try:
-                info = json.loads(sidecar.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if (
-                info.get("config_hash") == cfg_hash
-                and not info.get("finished")
-                and Path(info["path"]).is_file()
-            ):
-                candidates.append((sidecar.stat().st_mtime, Path(info["path"])))
-    return max(candidates)[1] if candidates else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,14 @@ class World:
             return model
         ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (e.g. the run directory rank 0 chose)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():

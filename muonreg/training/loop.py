@@ -59,6 +59,7 @@ class Trainer:
         monitor: str = "val/loss",
         checkpoint_dir: Path,
         checkpoint_every_steps: int = 0,
+        checkpoint_every_minutes: float = 0.0,
         guard: HealthGuard,
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
         log_every_steps: int = 20,
@@ -75,6 +76,8 @@ class Trainer:
         self.patience, self.monitor = patience, monitor
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_s = 60.0 * checkpoint_every_minutes
+        self._saved_at = time.monotonic()
         self.guard = guard
         self.log = log
         self.log_every_steps = log_every_steps
@@ -152,8 +155,8 @@ class Trainer:
                             values["loss"],
                             rate,
                         )
-                if self.checkpoint_every_steps and self.state.global_step % self.checkpoint_every_steps == 0:
-                    self.save("last.pt")
+            if self._checkpoint_due(values is not None):
+                self.save("last.pt")
         bar.close()
         count = sums.pop("_count", 0)
         metrics = {f"train/{k}": v / count for k, v in sums.items()} if count else {}
@@ -161,6 +164,16 @@ class Trainer:
         metrics["health/nonfinite_steps"] = float(self.guard.total)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
+
+    def _checkpoint_due(self, stepped: bool) -> bool:
+        """Every N optimiser steps and, so that a kill at any moment loses little, every few minutes."""
+        by_steps = (
+            stepped
+            and self.checkpoint_every_steps
+            and self.state.global_step % self.checkpoint_every_steps == 0
+        )
+        by_time = self.checkpoint_every_s and time.monotonic() - self._saved_at >= self.checkpoint_every_s
+        return bool(by_steps or by_time)
 
     def evaluate(self, split: str) -> tuple[dict[str, float], TrackRecords]:
         """Mean losses and tracking metrics of a split, with the per-muon records behind them."""
@@ -234,4 +247,5 @@ class Trainer:
                 "finished": self.state.finished,
             }
             save_checkpoint(path, self.state_dict(), sidecar)
+        self._saved_at = time.monotonic()
         return path

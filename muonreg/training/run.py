@@ -8,22 +8,25 @@ import math
 import random
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import flatten, validate
 from muonreg.evaluation.full import full_evaluation
-from muonreg.tracking.runs import job_run
+from muonreg.tracking.runs import job_run, tracking_uri
+from muonreg.tracking.sink import TrackingSink
+from muonreg.tracking.store import connect
 from muonreg.training import distributed
-from muonreg.training.checkpoint import config_hash, find_resumable, load_checkpoint
+from muonreg.training.checkpoint import config_hash, load_checkpoint
 from muonreg.training.device import autocast_dtype, release_freed_memory, resolve_device
 from muonreg.training.health import HealthGuard
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
+from muonreg.training.rundir import RunDir, find_resumable, resume_target
 from muonreg.training.setup import build_data, build_loaders, build_model, fit_normalizations
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,37 @@ def output_dir() -> Path:
     )
 
 
-def _resume_path(cfg: DictConfig, cfg_hash: str) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        found = find_resumable([cfg.paths.outputs, cfg.paths.multirun], cfg_hash)
-        log.info("resume=auto: %s", found or "no unfinished run of this config; starting fresh")
-        return found
-    return Path(str(cfg.resume))
+def _claim_run_dir(cfg: DictConfig, cfg_hash: str) -> RunDir:
+    """The run directory this job works in, locked: the run to resume, or a fresh one (Hydra's)."""
+    if cfg.resume is not None:
+        client = connect(tracking_uri(cfg))
+        if cfg.resume != "auto":
+            return resume_target(Path(str(cfg.resume)), client)
+        found = find_resumable([cfg.paths.outputs, cfg.paths.multirun], cfg_hash, client)
+        log.info(
+            "resume=auto: %s", found.path if found else "no unfinished run of this config; starting fresh"
+        )
+        if found is not None:
+            return found
+    run_dir = RunDir(output_dir())
+    run_dir.acquire()
+    return run_dir
+
+
+@contextlib.contextmanager
+def _logging_into(path: Path) -> Iterator[None]:
+    """A resumed run logs into its own directory too, not only into this invocation's Hydra dir."""
+    if path.resolve() == output_dir().resolve():
+        yield
+        return
+    handler = logging.FileHandler(path / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def _interrupt_on_sigterm() -> None:
@@ -70,23 +96,43 @@ def _interrupt_on_sigterm() -> None:
 def train(cfg: DictConfig) -> float:
     """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`.
 
-    The MLflow run opens right after validation, so any later failure (unreadable data, a
-    non-finite stop) leaves the run FAILED rather than missing.
+    The run lives in one directory from start to end, however often it is killed and resumed
+    (muonreg.training.rundir). The MLflow run opens before any data is read, so a later failure
+    (unreadable data, a non-finite stop) leaves it FAILED rather than missing. The directory is
+    marked done only once MLflow has been told FINISHED (or the message is waiting in the run's
+    tracking buffer), so a done run is never resumed and an unfinished one always is.
     """
     validate(cfg)
     _interrupt_on_sigterm()
     release_freed_memory()
     world = distributed.setup()
     cfg_hash = config_hash(cfg)
-    resume = _resume_path(cfg, cfg_hash)
-    state = load_checkpoint(resume) if resume else None
-    run_context = job_run(cfg, resume_run_id=state["metadata"]["mlflow_run_id"] if state else None)
-    with run_context if world.is_main else contextlib.nullcontext() as run:
-        if run is not None and state is None:
-            mlflow.log_params(flatten(cfg))
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-            mlflow.set_tags({"config_hash": cfg_hash})
-        best = _train_and_test(cfg, world, state, resume, run, cfg_hash)
+    run_dir = _claim_run_dir(cfg, cfg_hash) if world.is_main else None
+    try:
+        path, checkpoint = world.share((run_dir.path, run_dir.checkpoint) if run_dir else None)
+        state = load_checkpoint(checkpoint) if checkpoint else None
+        resume_id = run_dir.record.get("mlflow_run_id") if run_dir else None
+        with (
+            _logging_into(path) if world.is_main else contextlib.nullcontext(),
+            job_run(cfg, path, resume_id) if world.is_main else contextlib.nullcontext() as sink,
+        ):
+            if sink is not None and resume_id is None:
+                run_dir.write(
+                    config_hash=cfg_hash, mlflow_run_id=sink.run_id, tracking_uri=sink.uri, done=False
+                )
+                sink.log_params(flatten(cfg))
+                sink.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+                sink.set_tags({"config_hash": cfg_hash, "muonreg.run_dir": str(path.resolve())})
+            elif sink is not None:
+                log.info(
+                    "continuing run %s (MLflow run %s) from %s", path, resume_id, checkpoint or "its start"
+                )
+            best = _train_and_test(cfg, world, state, path, sink, cfg_hash)
+        if run_dir is not None:
+            run_dir.write(done=True)
+    finally:
+        if run_dir is not None:
+            run_dir.release()
     world.close()
     return best
 
@@ -95,8 +141,8 @@ def _train_and_test(
     cfg: DictConfig,
     world: distributed.World,
     state: dict | None,
-    resume: Path | None,
-    run: mlflow.ActiveRun | None,
+    out: Path,
+    sink: TrackingSink | None,
     cfg_hash: str,
 ) -> float:
     seed_everything(cfg.seed)
@@ -105,8 +151,8 @@ def _train_and_test(
     model = build_model(cfg, data.features)
     fit_normalizations(model, data.datasets["train"], list(cfg.inverse_fields.targets))
     model.to(device)
-    if run is not None:
-        mlflow.set_tags({"dataset": str(data.path), "device": str(device)})
+    if sink is not None:
+        sink.set_tags({"dataset": str(data.path), "device": str(device)})
 
     loaders = build_loaders(cfg, data, device, world.rank, world.size)
     steps = len(loaders["train"].batch_sampler)
@@ -119,10 +165,9 @@ def _train_and_test(
         net = torch.compile(net, dynamic=True)  # batch shapes vary with hit counts
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
-        if run is not None:
-            mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+        if sink is not None:
+            sink.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step)
 
-    out = output_dir()
     trainer = Trainer(
         net,
         optimizer,
@@ -137,12 +182,13 @@ def _train_and_test(
         monitor=cfg.optimized_metric,
         checkpoint_dir=out / "checkpoints",
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
+        checkpoint_every_minutes=cfg.trainer.checkpoint_every_minutes,
         guard=HealthGuard(cfg.trainer.max_consecutive_nonfinite, out / "nonfinite"),
         log=log_metrics,
         log_every_steps=cfg.trainer.log_every_steps,
         metadata={
             "config_hash": cfg_hash,
-            "mlflow_run_id": run.info.run_id if run else None,
+            "mlflow_run_id": sink.run_id if sink else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
         is_main=world.is_main,
@@ -150,7 +196,10 @@ def _train_and_test(
     if state is not None:
         trainer.load_state_dict(state)
         log.info(
-            "resumed from %s at epoch %d, batch %d", resume, trainer.state.epoch, trainer.state.step_in_epoch
+            "resumed at epoch %d, batch %d%s",
+            trainer.state.epoch,
+            trainer.state.step_in_epoch,
+            "; training had finished: on to the test evaluation" if trainer.state.finished else "",
         )
     best = trainer.fit()
     if not world.is_main:  # the test evaluation, report and artifacts are rank 0's
@@ -182,16 +231,16 @@ def _train_and_test(
             test_metrics["test/hit_efficiency"],
             test_metrics["test/hit_purity"],
             out / "evaluation" / "resolution.md",
-            f"\nMLflow run {run.info.run_id}: `make ui` and open http://127.0.0.1:5000" if run else "",
+            f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else "",
         )
-    if run is not None:
-        _log_artifacts(cfg, out, best_path)
+    if sink is not None:
+        _log_artifacts(cfg, out, best_path, sink)
     return best
 
 
-def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path) -> None:
+def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink) -> None:
     for name in (".hydra", "evaluation"):
         if (out / name).is_dir():
-            mlflow.log_artifacts(str(out / name), name)
+            sink.log_artifacts(out / name, name)
     if cfg.tracking.log_checkpoint and best_path.is_file():
-        mlflow.log_artifact(str(best_path), "checkpoints")
+        sink.log_artifacts(best_path, "checkpoints")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError, feature_names
 from muonreg.data.cache import ensure_simulated
+from muonreg.data.checks import check_truth
 from muonreg.data.dataset import MuonEventDataset, make_loader, split_indices
 from muonreg.data.features import DEFAULT_SCALES, HitFeatures
 from muonreg.data.format import DatasetReader
@@ -87,6 +88,7 @@ def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
             raise ConfigError(
                 f"data.split={list(cfg.data.split)} leaves the {name} split of {n} events empty"
             )
+    check_truth(reader, splits)
     return RunData(path, features, datasets)
 
 

@@ -1,0 +1,96 @@
+"""The MLflow store a run is recorded in: its URI, checked before anything starts, and safe first use.
+
+The default is an absolute `sqlite:///<root>/mlflow.db` (MLflow's file store is gone in 3.x), so a
+job's working directory never matters; `MLFLOW_TRACKING_URI` in the environment wins, so a team's
+`mlflow server` needs no config edit. Every user of the store goes through `connect`, which turns
+the ways a store is unusable into one-line TrackingErrors naming the URI:
+
+- a plain path (`/tmp/x`, `file:...`), which MLflow would take for its retired file store;
+- a server that cannot be reached within PROBE_TIMEOUT_S (MLflow itself retries for minutes);
+- a fresh SQLite file: MLflow creates its schema on first use, and two processes doing so at
+  once make one of them fail (`table ... already exists`). A file lock next to the database
+  serialises that first use across processes, so any number of sweeps and jobs can start together.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
+
+from muonreg.config import project_root
+from muonreg.errors import UserError, root_cause
+from muonreg.locking import exclusive
+
+PROBE_TIMEOUT_S = 5.0
+SOURCES = "MLFLOW_TRACKING_URI, tracking.uri or --tracking-uri"
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow store cannot be used; the message names its URI."""
+
+
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite database at the project root (or `root`)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(root or project_root()).resolve() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:` URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
+
+
+def check_uri(uri: str) -> None:
+    """Fail fast, naming the URI, on a plain path or an unreachable server."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive
+        path = Path(parsed.path or uri).resolve()
+        raise TrackingError(
+            f"tracking URI {uri!r} ({SOURCES}) is a plain path, which MLflow reads as its retired file "
+            f"store; use a database file, e.g. sqlite:///{path.with_suffix('.db')}, or a server, "
+            "http://host:port"
+        )
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            raise TrackingError(
+                f"MLflow tracking server {uri} cannot be reached ({err}); start it, or point "
+                f"{SOURCES} at a reachable store (unset, runs go to the project's mlflow.db)"
+            ) from err
+
+
+@contextmanager
+def creation_lock(uri: str) -> Iterator[None]:
+    """Hold `<database>.lock` while a SQLite store may create its schema; a no-op for servers."""
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    with exclusive(database.with_name(database.name + ".lock")):
+        yield
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client whose store is ready (schema created, server answering), or a TrackingError."""
+    check_uri(uri)
+    with creation_lock(uri):
+        try:
+            client = MlflowClient(uri)  # builds the store (once per process): schema creation happens here
+            client.search_experiments(max_results=1)
+        except Exception as err:  # MLflow, SQLAlchemy and requests each raise their own kinds
+            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {root_cause(err)}") from err
+    return client
