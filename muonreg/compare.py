@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,9 +42,21 @@ METRICS = (
     ("test/charge_accuracy", "charge acc."),
     ("test/eta_resolution", "σ(η)"),
     ("test/phi_resolution_mrad", "σ(φ) mrad"),
+    ("test/oracle_pt_resolution", "truth-assignment σ(pT)/pT"),
+    ("test/robust_fit_pt_resolution", "robust fit of assigned hits σ(pT)/pT"),
     ("test/fit_pt_resolution", "LSQ fit σ(pT)/pT"),
     ("test/fit_qpt_resolution", "LSQ fit σ(q/pT)·pT"),
 )
+# Per pT bin (metrics <name>_pt<lo>_<hi>, see evaluation.report): the network beside the fit.
+BINNED = (
+    ("test/pt_resolution", "σ(pT)/pT"),
+    ("ratio", "÷ LSQ fit"),
+    ("test/oracle_pt_resolution", "truth assignment"),
+    ("test/pt_bias", "bias"),
+    ("test/charge_accuracy", "charge acc."),
+    ("test/fit_pt_resolution", "LSQ fit"),
+)
+BIN = re.compile(r"^test/pt_resolution_(pt[0-9p]+_[0-9p]+)$")
 REFERENCE = {"test/pt_resolution": "test/fit_pt_resolution", "test/qpt_resolution": "test/fit_qpt_resolution"}
 PLOTTED = ("test/pt_resolution", "test/qpt_resolution", "test/track_efficiency", "test/hit_purity")
 IGNORED_PARAMS = ("paths.", "tracking.", "resume")  # where a run logged, not what it computed
@@ -93,27 +106,43 @@ def varied(runs: list[Run]) -> list[str]:
     return out + ([SEED] if len({r.data.params.get(SEED) for r in runs}) > 1 else [])
 
 
+def pt_bins(runs: list[Run]) -> list[str]:
+    """The pT bins the runs logged per-bin metrics for (pt5_10, ...), in increasing pT."""
+    found = {m.group(1) for r in runs for k in r.data.metrics if (m := BIN.match(k))}
+    return sorted(found, key=lambda b: float(b[2:].split("_")[0].replace("p", ".")))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = float(np.mean(values)) if values else math.nan
+    return mean, float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
 def table(runs: list[Run], swept: list[str]) -> list[dict]:
-    """One row per combination of swept values (seeds pooled): statuses, mean and std of each metric."""
+    """One row per combination of swept values (seeds pooled): statuses, mean and std of each metric,
+    overall and per pT bin (`<metric>_<bin>`; `ratio_<bin>`: network over LSQ fit, per run)."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     keys = [k for k in swept if k != SEED]
     for run in runs:
         groups[tuple(run.data.params.get(k, "") for k in keys)].append(run)
+    bins = pt_bins(runs)
     rows = []
     for values, members in sorted(groups.items()):
         status = defaultdict(int)
         for run in members:
             status["DEAD" if process_died(run) else run.info.status] += 1
-        done = [r for r in members if r.info.status == "FINISHED"]
+        done = [r.data.metrics for r in members if r.info.status == "FINISHED"]
         row = {
             **dict(zip(keys, values, strict=True)),
             "runs": len(members),
             "status": ", ".join(f"{n} {s}" for s, n in sorted(status.items())),
         }
-        for metric, _ in METRICS:
-            values_ = [r.data.metrics[metric] for r in done if metric in r.data.metrics]
-            row[metric] = float(np.mean(values_)) if values_ else math.nan
-            row[f"{metric} std"] = float(np.std(values_, ddof=1)) if len(values_) > 1 else math.nan
+        names = [m for m, _ in METRICS] + [f"{m}_{b}" for m, _ in BINNED if m != "ratio" for b in bins]
+        for name in names:
+            row[name], row[f"{name} std"] = _mean_std([m[name] for m in done if name in m])
+        for b in bins:
+            net, fit = f"test/pt_resolution_{b}", f"test/fit_pt_resolution_{b}"
+            ratios = [m[net] / m[fit] for m in done if net in m and m.get(fit, 0) > 0]
+            row[f"ratio_{b}"], row[f"ratio_{b} std"] = _mean_std(ratios)
         rows.append(row)
     return rows
 
@@ -129,7 +158,7 @@ def _cell(row: dict, metric: str) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def markdown(rows: list[dict], swept: list[str], title: str) -> str:
+def markdown(rows: list[dict], swept: list[str], title: str, bins: list[str] = ()) -> str:
     keys = [k for k in swept if k != SEED]
     head = [*keys, "runs", "status", *[name for _, name in METRICS]]
     lines = [f"## {title}", "", "Mean ± standard deviation over seeds (FINISHED runs only).", ""]
@@ -141,6 +170,22 @@ def markdown(rows: list[dict], swept: list[str], title: str) -> str:
             + [_cell(row, m) for m, _ in METRICS]
         )
         lines.append("| " + " | ".join(cells) + " |")
+    for metric, name in BINNED if bins else ():
+        lines += [
+            "",
+            f"### {name} per pT bin [GeV]"
+            + (" (network over least-squares fit, per run)" if metric == "ratio" else ""),
+            "",
+        ]
+        head = [*keys, *[b[2:].replace("_", "-").replace("p", ".") for b in bins]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            key = "ratio" if metric == "ratio" else metric
+            lines.append(
+                "| "
+                + " | ".join([str(row[k]) for k in keys] + [_cell(row, f"{key}_{b}") for b in bins])
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +258,7 @@ def compare(
     out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
     out.mkdir(parents=True, exist_ok=True)
     title = root.info.run_name if root else f"runs of {experiment or filter_string}"
-    (out / "compare.md").write_text(markdown(rows, swept, title))
+    (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs)))
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

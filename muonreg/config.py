@@ -158,6 +158,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
         if not isinstance(tr[key], (int, float)) or tr[key] < 0:
             _fail(f"trainer.{key}", tr[key], "must be a number >= 0 (0: off)")
+    if not str(cfg.optimized_metric).startswith("val/"):
+        _fail(
+            "optimized_metric",
+            cfg.optimized_metric,
+            "must be a validation metric, e.g. val/loss or val/qpt_resolution (the q/pT resolution)",
+        )
     if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
         _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
 

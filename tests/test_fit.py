@@ -52,7 +52,7 @@ def test_energy_loss_is_added_back_without_bias():
     """The fit's calibrated loss, not the simulator's: median pT bias within 2 % where it matters most."""
     for lo, hi, eta in ((5, 10, 0.5), (5, 10, 2.3), (50, 100, 1.0)):
         config = SimulationConfig(pt_min=lo, pt_max=hi, pt_spectrum="flat_pt", eta_max=eta)
-        muons, truth = _muons(250, 5, config)
+        muons, truth = _muons(120, 5, config)
         result = fit_tracks(muons, INDEX)
         rel = (result["pt"] - truth[:, 0]) / truth[:, 0]
         assert abs(np.median(rel[result["ok"]])) < 0.02, (lo, hi, eta)
@@ -60,7 +60,7 @@ def test_energy_loss_is_added_back_without_bias():
 
 def test_robust_fit_rejects_hits_that_are_not_the_muons():
     """A tracker's hit list is impure: noise hits near the muon ruin a plain fit, not a robust one."""
-    hits, tracks = simulate_events(120, 6, SimulationConfig(pt_min=20, pt_max=50, pt_spectrum="flat_pt"))
+    hits, tracks = simulate_events(70, 6, SimulationConfig(pt_min=20, pt_max=50, pt_spectrum="flat_pt"))
     truth, impure = [], []
     for h, t in zip(hits, tracks, strict=True):
         noise = h[h[:, LINK] < 0]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from muonreg.config import ConfigError
 from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
@@ -163,3 +164,17 @@ def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path)
     trainer.train_epoch()
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1
+
+
+def test_an_unknown_optimized_metric_fails_after_the_first_validation_naming_the_choices(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, max_epochs=1, monitor="val/resolution_of_everything")
+    with pytest.raises(
+        ConfigError, match=r"optimized_metric='val/resolution_of_everything'.*val/qpt_resolution"
+    ):
+        trainer.fit()
+
+
+def test_a_physical_metric_drives_early_stopping(loaders, tmp_path):
+    trainer = _trainer(loaders, tmp_path, max_epochs=1, monitor="val/qpt_resolution")
+    best = trainer.fit()
+    assert best == trainer.state.best and (math.isnan(best) or best > 0)

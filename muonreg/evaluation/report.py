@@ -24,6 +24,15 @@ ASSIGNED_FIT, ROBUST_FIT = "fit of assigned hits", "robust fit of assigned hits"
 PREFIX = {ORACLE: "oracle_", FIT: "fit_", ASSIGNED_FIT: "assigned_fit_", ROBUST_FIT: "robust_fit_"}
 
 
+# Logged per pT bin for every method (keys <prefix><metric>_pt<lo>_<hi>).
+BINNED = (
+    "pt_resolution",
+    "pt_bias",
+    "charge_accuracy",
+    "eta_resolution",
+    "phi_resolution_mrad",
+    "track_efficiency",
+)
 COLUMNS = (
     ("muons", "muons", "{:.0f}"),
     ("track_efficiency", "efficiency", "{:.3f}"),

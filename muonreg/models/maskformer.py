@@ -15,11 +15,12 @@ from torch import nn
 
 from muonreg.models.decoder import Decoder
 from muonreg.models.encoder import Encoder
-from muonreg.models.layers import Standardize, mlp
+from muonreg.models.layers import Standardize, full_precision, mlp
 from muonreg.models.matching import Matcher
 
 if TYPE_CHECKING:  # the tasks build on models.layers; import them for annotations only
     from muonreg.tasks import ObjectHitMaskTask, ObjectValidTask
+    from muonreg.tasks.refine import FitRefinedAssignment
     from muonreg.tasks.regression import RegressionTask
 
 QUERY_AXIS_PREFIXES = ("track_", "query_")
@@ -44,6 +45,7 @@ class MaskFormer(nn.Module):
         regression_task: RegressionTask,
         matcher: Matcher | None = None,
         aux_loss: bool = False,
+        refine: FitRefinedAssignment | None = None,
     ):
         super().__init__()
         # The input net sees every (standardised) feature value and its validity flag: 2 * input_size inputs.
@@ -55,12 +57,14 @@ class MaskFormer(nn.Module):
         self.num_queries, self.mask_threshold = num_queries, mask_threshold
         self.matcher = matcher or Matcher()
         self.aux_loss = aux_loss
+        self.refine = refine
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hit_x_valid, hit_valid = batch["hit_x_valid"], batch["hit_valid"]
         # missing values are 0 after standardising, so no sentinel or NaN ever reaches a layer
-        hit_x = self.input_norm(batch["hit_x"], hit_x_valid)
-        x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
+        hit_x = self.input_norm(batch["hit_x"].float(), hit_x_valid)
+        with full_precision(hit_x):  # the hits' coordinates enter in float32, whatever the autocast
+            x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
         hits = self.encoder(x, hit_valid)
         states = self.decoder(
             hits, hit_valid, lambda q: self.hit_mask_task.claimed(q, hits, self.mask_threshold)
@@ -73,6 +77,11 @@ class MaskFormer(nn.Module):
                 outputs[f"aux{i}_hit_logit"] = self.hit_mask_task(state, hits)["track_hit_logit"]
         outputs.update(self.valid_task(query))
         outputs.update(self.hit_mask_task(query, hits))
+        if self.refine is not None:  # the fit's verdict on each hit corrects the first-stage assignment
+            outputs["track_stage0_hit_logit"] = outputs["track_hit_logit"]
+            outputs["track_hit_logit"] = self.refine(
+                outputs["track_hit_logit"], batch["hit_geometry"], batch["hit_geometry_valid"], hit_valid
+            )
         outputs.update(
             self.regression_task(
                 query=query,
@@ -159,6 +168,10 @@ class MaskFormer(nn.Module):
             (self.hit_mask_task.loss_weight, self.hit_mask_task.loss(aligned, truth, batch["hit_valid"])),
             (self.regression_task.loss_weight, self.regression_task.loss(aligned, truth)),
         ]
+        if "track_stage0_hit_logit" in aligned:  # the assignment before the fit's refinement
+            stage0 = {"track_hit_logit": aligned["track_stage0_hit_logit"]}
+            bce = self.hit_mask_task.loss(stage0, truth, batch["hit_valid"])["track_hit_bce"]
+            parts.append((self.hit_mask_task.loss_weight, {"stage0_hit_bce": bce}))
         losses = {name: value for _, part in parts for name, value in part.items()}
         losses["loss"] = sum(weight * value for weight, part in parts for value in part.values())
         aux_layers = [i for i in range(len(self.decoder.layers) - 1) if f"aux{i}_valid_logit" in outputs]

@@ -260,7 +260,7 @@ def _initial(m: Measurements) -> np.ndarray:
 
 
 def fit_tracks(
-    tracks: list[np.ndarray], index: dict[str, int], batch: int = 500, robust: bool = False
+    tracks: list[np.ndarray], index: dict[str, int], batch: int = 2000, robust: bool = False
 ) -> dict[str, np.ndarray]:
     """Fit many muons, `batch` at a time; each entry of `tracks` holds one muon's hits (on-disk columns).
 

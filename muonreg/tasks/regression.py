@@ -131,12 +131,17 @@ class RegressionTask(nn.Module):
     def loss(
         self, outputs: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Smooth L1 in the internal space over valid truth slots; 0 (not NaN) when there are none."""
+        """Smooth L1 in the internal space over valid truth slots; 0 (not NaN) when there are none.
+
+        With `track_regression_scale` (an anchored task's expected error per track and field) the
+        error is measured in those units."""
         target = self.space.encode(truth)
         valid = truth["particle_valid"]
         # invalid slots carry 0 targets; keep them out of the graph entirely
         target = torch.where(valid.unsqueeze(-1), target, torch.zeros_like(target))
         error = self.space.error(outputs["track_regression"], target)
+        if "track_regression_scale" in outputs:  # errors in units of each estimate's expected error
+            error = error / outputs["track_regression_scale"]
         loss = F.smooth_l1_loss(error, torch.zeros_like(error), reduction="none") * self.field_weights
         return {"track_regression": masked_mean(loss, valid.unsqueeze(-1).expand_as(loss))}
 

@@ -14,7 +14,9 @@ value itself, in units of the estimate's expected error (the fit's covariance, t
 scattering and energy-loss spread): where the fit is precise (high pT) the head can only nudge
 it, where it is not (low pT: scattering, the linearisation) the head can move it far. A head's
 jitter of 0.01 standard deviations of 1/pT is 20 % of pT at 150 GeV; scaled, it is a fraction
-of the fit's own error. `local` feeds the raw branch each hit's
+of the fit's own error. The loss is then taken on the error in those same units (a pull), so a
+150 GeV muon, whose 1/pT error is tiny in absolute terms, counts as much as a 5 GeV one.
+`local` feeds the raw branch each hit's
 coordinates relative to its track's fitted line (along it, across it, and across it in units of
 the measurement's resolution), so pooled features are in the track's frame, not the detector's.
 The pooled parts are concatenated with the query embedding into an MLP head.
@@ -29,7 +31,7 @@ from torch import nn
 
 from muonreg import detector as det
 from muonreg.data.geometry import STATION_GROUPS, G
-from muonreg.models.layers import mlp
+from muonreg.models.layers import full_precision, mlp
 from muonreg.numerics import WEIGHT_FLOOR, safe_inverse
 from muonreg.tasks.pooling import POOLING
 from muonreg.tasks.regression import RegressionTask
@@ -48,7 +50,7 @@ ANCHORS = {
 # An anchor further than this from the targets' mean (in their standard deviations) is no estimate
 # (a fit of nothing has q/p = 0: pT = 1e6 GeV); it is held at this distance.
 ANCHOR_LIMIT = 10.0
-PHI_MEASUREMENT = 0.002  # rad: the strips' typical phi precision
+ANGLE_MEASUREMENT = 0.002  # rad: the spectrometer's typical precision on a direction (strips for phi)
 # The scale of the head's corrections (internal units) stays within these: never frozen, never wild.
 SCALE_RANGE = (1e-3, 1.0)
 FIT_FEATURES = 10  # see _fit_features
@@ -139,39 +141,46 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         hit_geometry_valid: torch.Tensor | None = None,
         hit_probability: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`hit_probability` [b, n, m] replaces sigmoid(hit_logit), e.g. the truth assignment (oracle)."""
-        if hit_probability is None:
-            weights, selected = self.assignment_weights(hit_logit, hit_valid)
-        else:
-            weights, selected = self.weights_from_probability(hit_probability, hit_valid)
-        parts = [query]
-        fit = None
-        if self.use_fit or self.station:
-            if hit_geometry is None:
+        """`hit_probability` [b, n, m] replaces sigmoid(hit_logit), e.g. the truth assignment (oracle).
+
+        Runs in float32 whatever the autocast: raw hit values and the regression output carry the
+        precision the physics needs.
+        """
+        with full_precision(query):
+            if hit_probability is None:
+                weights, selected = self.assignment_weights(hit_logit.float(), hit_valid)
+            else:
+                weights, selected = self.weights_from_probability(hit_probability.float(), hit_valid)
+            query, hits, hit_x = query.float(), hits.float(), hit_x.float()
+            parts = [query]
+            fit = None
+            if (self.use_fit or self.station) and hit_geometry is None:
                 raise ValueError("the station and fit pooling ops need the batch's hit_geometry")
-            fit_weights = weights * hit_geometry_valid.unsqueeze(1)
-        if self.use_fit:
-            fit = self.fit(hit_geometry, fit_weights)
-            parts.append(self._fit_features(fit))
-        if self.pools_hits:
-            raw = torch.cat(
-                [hit_x[..., self.hit_fields_index], hit_x_valid[..., self.hit_fields_index].to(hit_x.dtype)],
-                dim=-1,
-            )
-            groups = None
-            if self.station:
-                groups = nn.functional.one_hot(hit_geometry[..., G["station"]].long(), STATION_GROUPS).to(
-                    weights
+            if self.use_fit:
+                fit = self.fit(hit_geometry, weights * hit_geometry_valid.unsqueeze(1))
+                parts.append(self._fit_features(fit))
+            if self.pools_hits:
+                raw = torch.cat(
+                    [
+                        hit_x[..., self.hit_fields_index],
+                        hit_x_valid[..., self.hit_fields_index].to(hit_x.dtype),
+                    ],
+                    dim=-1,
                 )
-                groups = groups * hit_geometry_valid.unsqueeze(-1)
-            parts += self._pooled_hits(raw, hits, weights, selected, groups, fit)
-        anchor = self._anchor(fit) if self.use_fit else None
-        if anchor is not None:
-            parts.append(anchor.detach())
-        out = self.head(torch.cat([p.to(query.dtype) for p in parts], dim=-1))
-        if self.anchor:
-            out = anchor.detach().to(out.dtype) + out * self._correction_scale(fit).to(out.dtype)
-        return {"track_regression": out}
+                groups = None
+                if self.station:
+                    station = hit_geometry[..., G["station"]].long()
+                    groups = nn.functional.one_hot(station, STATION_GROUPS).to(weights)
+                    groups = groups * hit_geometry_valid.unsqueeze(-1)
+                parts += self._pooled_hits(raw, hits, weights, selected, groups, fit)
+            if self.use_fit:
+                anchor = self._anchor(fit).detach().float()
+                parts.append(anchor)
+            out = self.head(torch.cat(parts, dim=-1))
+            if not self.anchor:
+                return {"track_regression": out}
+            scale = self._correction_scale(fit).float()
+            return {"track_regression": anchor + out * scale, "track_regression_scale": scale}
 
     def _pooled_hits(
         self,
@@ -217,16 +226,16 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
 
     @torch.no_grad()
     def _correction_scale(self, fit: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Expected error of the fit's estimate of each target, in the internal space [b, n, fields]."""
-        cosh = torch.cosh(fit["eta"])
-        p = fit["p"]
+        """Expected error of the fit's estimate of each target, in the internal space [b, n, fields]:
+        q/pT from the fit's covariance and the loss's spread; the angles from the nominal precision of
+        the spectrometer and the calorimeter's scattering (the linearised covariance of a direction is
+        not trusted to scale a correction)."""
+        cosh, p = torch.cosh(fit["eta"]), fit["p"]
         sigma_qpt = cosh * torch.sqrt(fit["qp_sigma"] ** 2 + (det.ENERGY_LOSS_SPREAD / p**2) ** 2)
-        sigma_angle = torch.sqrt(fit["slope_sigma"] ** 2 + (det.CALO_SCATTERING / p) ** 2)
+        sigma_angle = torch.sqrt(ANGLE_MEASUREMENT**2 + (det.CALO_SCATTERING / p) ** 2)
         sigma = {
             "truthMuon_eta": cosh * sigma_angle,
-            "truthMuon_phi": torch.sqrt(
-                PHI_MEASUREMENT**2 + sigma_angle**2 + (det.SOLENOID_PHI_KICK * sigma_qpt) ** 2
-            ),
+            "truthMuon_phi": torch.sqrt(sigma_angle**2 + (det.SOLENOID_PHI_KICK * sigma_qpt) ** 2),
             "truthMuon_qpt": sigma_qpt,
             "truthMuon_pt": sigma_qpt / fit["qpt"].abs().clamp(min=sigma_qpt) ** 2,  # pT^2 sigma(1/pT)
         }

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from muonreg.config import ConfigError
 from muonreg.evaluation.inference import evaluate, forward_loss, unwrap
 from muonreg.evaluation.metrics import TrackRecords
 from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
@@ -184,7 +185,12 @@ class Trainer:
         while self.state.epoch < self.max_epochs and not self.state.finished:
             metrics = self.train_epoch()
             metrics.update(self.evaluate("val")[0])
-            value = metrics.get(self.monitor, math.nan)
+            if self.monitor not in metrics:
+                raise ConfigError(
+                    f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
+                    f"{sorted(k for k in metrics if k.startswith('val/'))}"
+                )
+            value = metrics[self.monitor]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
             improved = math.isfinite(value) and value < self.state.best

@@ -149,7 +149,12 @@ def _train_and_test(
     device = world.device or resolve_device(str(cfg.trainer.device))
     data = build_data(cfg, progress=world.is_main)
     model = build_model(cfg, data.features)
-    fit_normalizations(model, data.datasets["train"], list(cfg.inverse_fields.targets))
+    fit_normalizations(
+        model,
+        data.datasets["train"],
+        list(cfg.inverse_fields.targets),
+        cfg.model.get("standardize_inputs", True),
+    )
     model.to(device)
     if sink is not None:
         sink.set_tags({"dataset": str(data.path), "device": str(device)})

@@ -25,6 +25,7 @@ from muonreg.tasks import (
     ObjectValidTask,
     WeightedPoolingObjectHitRegressionTask,
 )
+from muonreg.tasks.refine import FitRefinedAssignment
 
 # Evaluation always needs the physical parameters, whatever the regression targets are.
 EVAL_TARGETS = [f"truthMuon_{f}" for f in FIELDS]
@@ -160,6 +161,7 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
         regression_task=regression,
         matcher=Matcher(m.matcher),
         aux_loss=m.aux_loss,
+        refine=FitRefinedAssignment(m.mask_threshold) if m.get("refine", False) else None,
     )
 
 
