@@ -109,7 +109,12 @@ def varied(runs: list[Run]) -> list[str]:
 def pt_bins(runs: list[Run]) -> list[str]:
     """The pT bins the runs logged per-bin metrics for (pt5_10, ...), in increasing pT."""
     found = {m.group(1) for r in runs for k in r.data.metrics if (m := BIN.match(k))}
-    return sorted(found, key=lambda b: float(b[2:].split("_")[0].replace("p", ".")))
+    return sorted(found, key=_bin_low)
+
+
+def _bin_low(name: str) -> float:
+    """The lower edge of a bin name: 5.0 for pt5_10."""
+    return float(name[2:].split("_")[0].replace("p", "."))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

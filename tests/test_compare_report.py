@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from muonreg.compare import METRICS, markdown, plot
+from muonreg.compare import BINNED, METRICS, markdown, plot
 
 
 def _row(**values) -> dict:
@@ -32,3 +32,22 @@ def test_categorical_and_numeric_parameters_are_both_plotted(tmp_path):
         "compare_inverse_fields.png",
     ]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_per_pt_bin_tables_show_the_network_beside_the_fit():
+    row = _row(pooling="fit")
+    for metric, value in (("test/pt_resolution", 0.06), ("ratio", 1.2), ("test/fit_pt_resolution", 0.05)):
+        row[f"{metric}_pt5_10"], row[f"{metric}_pt5_10 std"] = value, 0.002
+    for metric, _ in BINNED:
+        row.setdefault(f"{metric}_pt5_10", math.nan)
+        row.setdefault(f"{metric}_pt5_10 std", math.nan)
+    text = markdown([row], ["pooling", "seed"], "pooling", ["pt5_10"])
+    assert "### σ(pT)/pT per pT bin [GeV]" in text and "| pooling | 5-10 |" in text
+    assert "| fit | 0.06 ± 0.002 |" in text and "| fit | 1.2 ± 0.002 |" in text
+    assert pt_bins_order(["pt100_200", "pt5_10", "pt10_20"]) == ["pt5_10", "pt10_20", "pt100_200"]
+
+
+def pt_bins_order(bins):
+    from muonreg.compare import _bin_low
+
+    return sorted(bins, key=_bin_low)

@@ -41,7 +41,7 @@ NEEDED = [f"globEdge{e}{c}" for e in ("High", "Low") for c in "XYZ"] + [
     "covXX",
 ]
 PHI_WINDOW = 0.05  # rad: strips further than this from the track's phi are not its hits (robust fit)
-SUSPECT_CHI2 = 3.0  # chi2/ndf above which a track's drift-circle sides are searched again
+SUSPECT_CHI2 = 8.0  # chi2/ndf above which a track's drift-circle sides are searched again
 # Sides searched: each multilayer alone, then both multilayers of a station together (a mirror image).
 FLIPS = [(station, ml) for station in sorted(LAYERS_PER_MULTILAYER) for ml in (0, 1, None)]
 

@@ -44,6 +44,7 @@ PHI_WINDOW = 0.05  # rad: strips further from the track's phi count less for it
 SIGMA_FLOOR = 1e-5  # m: no measurement is better than 10 um
 PRIOR_SIGMA = (10.0, 10.0, 1.0)  # (a [m], b, c [1/GeV]): wide, only keeps a fit of < 3 hits regular
 OUT_OF_SECTOR = math.cos(det.SECTOR_WIDTH)  # a hit further from the track plane than this is not its hit
+STEEPEST = 1.5  # rad from the transverse plane (|eta| 3.3, beyond the spectrometer's 2.7): tan stays finite
 
 
 def _interpolate(table: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_range, y_range) -> torch.Tensor:
@@ -165,7 +166,7 @@ class TrackFit(nn.Module):
         qp = c * side
         # direction where the track leaves the calorimeter: the field is still zero there
         lam_exit = lam0 + torch.atan(b)
-        eta = torch.asinh(torch.tan(lam_exit.clamp(-1.5, 1.5))) * side
+        eta = torch.asinh(torch.tan(lam_exit.clamp(-STEEPEST, STEEPEST))) * side
         p_ms = safe_inverse(qp.abs())
         loss = _interpolate(self.energy_loss, eta.abs(), torch.log(p_ms), self.eta_range, self.log_p_range)
         qpt = torch.where(qp >= 0, 1.0, -1.0).to(qp) * torch.cosh(eta) * safe_inverse(p_ms + loss)

@@ -14,8 +14,10 @@ value itself, in units of the estimate's expected error (the fit's covariance, t
 scattering and energy-loss spread): where the fit is precise (high pT) the head can only nudge
 it, where it is not (low pT: scattering, the linearisation) the head can move it far. A head's
 jitter of 0.01 standard deviations of 1/pT is 20 % of pT at 150 GeV; scaled, it is a fraction
-of the fit's own error. The loss is then taken on the error in those same units (a pull), so a
-150 GeV muon, whose 1/pT error is tiny in absolute terms, counts as much as a 5 GeV one.
+of the fit's own error. With `pull_loss` > 0 the curvature's loss (1/pT, pT or q/pT) is taken on
+the error in those same units (a pull), weighted by `pull_loss`, so a 150 GeV muon, whose 1/pT
+error is tiny in absolute terms, counts as much as a 5 GeV one (the angles keep their loss in
+standard deviations of the targets: in pulls their corrections turned noisy).
 `local` feeds the raw branch each hit's
 coordinates relative to its track's fitted line (along it, across it, and across it in units of
 the measurement's resolution), so pooled features are in the track's frame, not the detector's.
@@ -38,6 +40,7 @@ from muonreg.tasks.regression import RegressionTask
 from muonreg.tasks.track_fit import TrackFit
 
 ASSIGNMENTS = ("hard", "soft")
+CURVATURE = ("truthMuon_pt", "truthMuon_qpt")
 OPS = (*POOLING, "station", "fit")
 # The fit's estimate of each target, in physical units, from its outputs.
 ANCHORS = {
@@ -75,6 +78,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         hidden: int | None = None,
         field_weights: Mapping[str, float] | None = None,
         anchor: bool = True,
+        pull_loss: float = 0.0,
         local: bool = False,
         fit: TrackFit | None = None,
     ):
@@ -98,6 +102,12 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         self.pooling = [op for op in pooling if op in POOLING]
         self.station, self.use_fit = "station" in pooling, "fit" in pooling
         self.anchor, self.local = anchor and self.use_fit, local
+        if pull_loss < 0:
+            raise ValueError(f"pull_loss={pull_loss} must be >= 0 (0: no pull-space loss)")
+        # the loss of each field is divided by this share of its expected error (1: not at all)
+        curvature = torch.tensor([f in CURVATURE for f in self.fields])
+        self.register_buffer("pull_fields", curvature & (pull_loss > 0), persistent=False)
+        self.pull_loss = pull_loss
         self.detach_assignment = detach_assignment
         half = dim // 2
         raw_size = 2 * len(index) + (LOCAL_FEATURES if local else 0)  # values, validity flags, local frame
@@ -180,7 +190,12 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
             if not self.anchor:
                 return {"track_regression": out}
             scale = self._correction_scale(fit).float()
-            return {"track_regression": anchor + out * scale, "track_regression_scale": scale}
+            out = {"track_regression": anchor + out * scale}
+            if not self.pull_loss:
+                return out
+            # dividing a field's error by scale / sqrt(weight) weights its squared pull by `pull_loss`
+            loss_scale = torch.where(self.pull_fields, scale / self.pull_loss**0.5, torch.ones_like(scale))
+            return {**out, "track_regression_scale": loss_scale}
 
     def _pooled_hits(
         self,
@@ -254,7 +269,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         return torch.stack(
             [
                 fit["qp"] * 10,
-                torch.log10(fit["qp_sigma"].clamp(min=1e-6)),
+                torch.log10(fit["qp_sigma"]),  # > 0: the fit's priors bound the covariance
                 fit["eta"],
                 fit["cos_phi"],
                 fit["sin_phi"],

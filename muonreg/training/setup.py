@@ -135,6 +135,7 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
             detach_assignment=cfg.tasks.detach_assignment,
             field_weights=field_weights,
             anchor=cfg.tasks.anchor,
+            pull_loss=cfg.tasks.get("pull_loss", 0.0),
             local=cfg.pooling.get("local", False),
             hidden=cfg.tasks.hidden,
         )
