@@ -94,9 +94,12 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_threshold_sweep_makes_a_parent_and_three_children(tmp_path, data_dir, launcher):
-    extra = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"]}.get(
-        launcher, [f"hydra/launcher={launcher}"]
-    )
+    # joblib with a loader worker: DataLoader workers must start inside loky's processes.
+    extra = {
+        "basic": [],
+        "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "trainer.num_workers=1"],
+    }
+    extra = extra.get(launcher, [f"hydra/launcher={launcher}"])
     run_train(tmp_path, data_dir, "assignment_threshold=0.1,0.2,0.5", *extra, multirun=True)
     parents, children = split(runs(tmp_path))
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -18,6 +18,7 @@ carry little padding.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -243,6 +244,9 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # The platform's own start method: inside a joblib (loky) sweep job the inherited default
+        # context is loky's, which cannot start DataLoader workers.
+        multiprocessing_context=multiprocessing.get_all_start_methods()[0] if num_workers > 0 else None,
     )
 
 
