@@ -61,18 +61,24 @@ def _params(model):
 def test_nan_in_a_batch_skips_the_step_counts_it_and_saves_the_batch(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path)
     batch = _batch(loaders)
-    assert trainer.train_step(batch) is not None and trainer.state.global_step == 1
+    trainer.train_step(batch)
+    assert trainer.state.global_step == 1 and trainer.guard.total == 0
     before = _params(trainer.model)
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
     bad = dict(batch, hit_x=batch["hit_x"].clone())
     bad["hit_x"][0, 0, 0] = math.nan
-    assert trainer.train_step(bad) is None
+    assert not math.isfinite(trainer.train_step(bad)["loss"])
     assert all(
         torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)
-    )  # no update
+    )  # no update, not even weight decay
+    assert all(
+        torch.equal(a, s["exp_avg"]) for a, s in zip(moments, trainer.optimizer.state.values(), strict=True)
+    )  # nor of the optimiser's moments
     assert trainer.guard.total == 1 and trainer.state.global_step == 1
     saved = torch.load(tmp_path / "nonfinite" / "nonfinite_step1.pt", weights_only=False)
     assert torch.isnan(saved["batch"]["hit_x"]).sum() == 1 and "model" in saved
-    assert trainer.train_step(batch) is not None and trainer.guard.consecutive == 0
+    trainer.train_step(batch)
+    assert trainer.state.global_step == 2 and trainer.guard.consecutive == 0
 
 
 def test_repeated_nan_batches_stop_training_naming_the_first_module(loaders, tmp_path):
@@ -92,7 +98,8 @@ def test_a_module_emitting_nan_is_named(loaders, tmp_path):
     trainer.model.encoder.layers[1].register_forward_hook(lambda module, inputs, output: output * math.nan)
     batch = _batch(loaders)
     for _ in range(2):
-        assert trainer.train_step(batch) is None
+        trainer.train_step(batch)
+    assert trainer.guard.consecutive == 2
     with pytest.raises(NonFiniteTrainingError, match=r"'encoder\.layers\.1'"):
         trainer.train_step(batch)
     assert trainer.guard.total == 3 and trainer.state.global_step == 0

@@ -1,0 +1,94 @@
+"""Clusters on one CPU: torchrun and SLURM tasks as real gloo process groups, a SLURM sweep on SQLite.
+
+Each job, however many processes train it, has one Hydra output directory and one MLflow run, and a
+sweep one parent run. (Stop signals and requeues: test_distributed.py and test_train_e2e.py.)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_e2e import ENV, ROOT, client, command, runs, split
+from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture
+def root(tmp_path, empty_mlflow_db) -> Path:
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _one_finished_run(root: Path) -> None:
+    (run,) = runs(root)  # the other rank logs nothing
+    assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["test/loss"])
+    history = client(root).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    (output_dir,) = root.glob("outputs/*/*")  # one Hydra output directory for both ranks
+    assert (output_dir / ".hydra" / "config.yaml").is_file()
+    assert [p.parent.parent for p in root.glob("outputs/**/checkpoints/last.pt")] == [output_dir]
+
+
+def test_two_process_data_parallel_training_under_torchrun(root, data_dir):
+    cmd = [*TORCHRUN, *command(root, data_dir, "trainer.max_epochs=2")[1:]]
+    _check(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180))
+    _one_finished_run(root)
+
+
+def test_two_slurm_tasks_form_one_job(root, data_dir):
+    """What srun gives two tasks of one step (no WORLD_SIZE): one process group, one run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    slurm |= {"SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            command(root, data_dir, "trainer.max_epochs=2"),
+            cwd=ROOT,
+            env={**ENV, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    _one_finished_run(root)
+    assert "SLURM job 4242 records into the SQLite file" in logs[0]  # and says how to start a server
+    assert "mlflow server" in logs[0] and "SQLite" not in logs[1]
+
+
+def test_a_sweep_under_torchrun_has_one_parent_and_runs_each_job_on_all_ranks(root, data_dir):
+    cmd = [*TORCHRUN, *command(root, data_dir, "seed=0,1", multirun=True)[1:]]
+    _check(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    parents, children = split(runs(root))
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    (sweep_dir,) = root.glob("multirun/*/*")
+    assert sorted(p.parent.name for p in sweep_dir.glob("*/run.json")) == ["0", "1"]
+
+
+def test_a_slurm_sweep_on_sqlite_is_refused_before_anything_is_submitted(root, data_dir):
+    cmd = command(root, data_dir, "seed=0,1", "hydra/launcher=slurm", multirun=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "hydra/launcher=slurm with the SQLite tracking store" in result.stderr
+    assert "mlflow server --backend-store-uri" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
+    assert client(root).get_experiment_by_name("muonreg") is None  # no parent run, nothing submitted
+    assert not list(root.glob("multirun/**/.submitit"))
