@@ -1,6 +1,7 @@
 """The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
 from muonreg.training.checkpoint import load_checkpoint
+from muonreg.training.device import to_device
 from muonreg.training.health import HealthGuard, NonFiniteTrainingError
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
@@ -170,3 +172,34 @@ def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path)
     trainer.train_epoch()
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_training_loop_never_makes_the_host_wait_for_the_gpu(loaders, tmp_path):
+    """No host sync in the loop's own code on an ordinary step (the model's, if any, bench/gpu_check.py counts)."""
+    device = torch.device("cuda")
+    model = make_model(input_size=len(FEATURES)).to(device)
+    optimizer = build_optimizer(model, 1e-3, 1e-5)
+    trainer = Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, 10),
+        loaders,
+        device=device,
+        checkpoint_dir=tmp_path / "checkpoints",
+        guard=HealthGuard(3, tmp_path / "nonfinite"),
+    )
+    batches = [to_device(b, device) for b in loaders["train"]]
+    trainer.train_step(batches[0])  # first use: allocations, library handles
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches[1:4]:
+                trainer.train_step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    in_loop = [f"{w.filename}:{w.lineno}" for w in caught if "muonreg/training" in w.filename]
+    assert in_loop == []
+    trainer.save("last.pt")  # reads the flags of every step: all were kept
+    assert trainer.state.global_step == 4 and trainer.guard.total == 0
