@@ -1,16 +1,21 @@
-"""Clusters on one CPU: torchrun and SLURM tasks as real gloo process groups, a SLURM sweep on SQLite.
+"""Clusters on one CPU: torchrun and SLURM tasks as real gloo process groups, a submitit job warned
+by SLURM's signal and requeued, a SLURM sweep on SQLite.
 
-Each job, however many processes train it, has one Hydra output directory and one MLflow run, and a
-sweep one parent run. (Stop signals and requeues: test_distributed.py and test_train_e2e.py.)
+Each job, however many processes train it and however often it is requeued, has one Hydra output
+directory and one MLflow run, and a sweep one parent run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +97,36 @@ def test_a_slurm_sweep_on_sqlite_is_refused_before_anything_is_submitted(root, d
     assert "mlflow server --backend-store-uri" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert client(root).get_experiment_by_name("muonreg") is None  # no parent run, nothing submitted
     assert not list(root.glob("multirun/**/.submitit"))
+
+
+def _task_pid(root: Path) -> int | None:
+    """The submitit task process of a job of this test's sweep."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"submitit.core._submit" in cmdline and any(str(root).encode() in a for a in cmdline):
+                return int(proc.name)
+    return None
+
+
+def test_a_submitit_job_warned_by_usr2_checkpoints_is_requeued_and_continues_its_run(root, data_dir):
+    """SLURM's warning signal (USR2, the one submitit asks for) mid-epoch: the job checkpoints, submitit
+    requeues it, and the requeued job (same arguments, same directory) continues the same run."""
+    cmd = command(root, data_dir, "hydra/launcher=submitit_local", "trainer.max_epochs=3", multirun=True)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def job_log() -> str:
+        return "".join(log.read_text() for log in root.glob("multirun/*/*/0/train.log"))
+
+    deadline = time.time() + 120
+    while "epoch 1 batch 3/" not in job_log() and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.02)
+    os.kill(_task_pid(root), signal.SIGUSR2)
+    assert sweep.wait(timeout=300) == 0
+    log = job_log()
+    assert "stop signal: checkpoint" in log and "continuing the unfinished run" in log
+    assert "resumed at epoch 1, batch 4" in log  # the step after the signal's
+    parents, (child,) = split(runs(root))
+    assert parents[0].info.status == "FINISHED" and child.info.status == "FINISHED"
+    steps = sorted(m.step for m in client(root).get_metric_history(child.info.run_id, "train/step_loss"))
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 24  # every step once
