@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from test_training import _trainer, loaders  # noqa: F401  (the shared small dataset fixture)
 
 from muonreg.config import ConfigError, launch_time
 from muonreg.training.checkpoint import load_checkpoint
-from muonreg.training.distributed import LAUNCH_TIME, Launch, first_host, launch
+from muonreg.training.distributed import LAUNCH_TIME, Launch, MainRankFailed, first_host, launch, setup
 from muonreg.training.interrupts import Interrupts
 from muonreg.training.run import check_world_size
 
@@ -121,3 +123,29 @@ def test_a_run_continues_only_with_as_many_processes_as_trained_it(tmp_path):
     check_world_size({}, 1, tmp_path)  # written by one process before the field existed
     with pytest.raises(ConfigError, match=r"trained by 2 process.*this job has 4"):
         check_world_size({"world_size": 2}, 4, tmp_path)
+
+
+def _start_a_run(rank: int, port: int, outcome) -> None:
+    """One rank of a two-process gloo job whose rank 0 cannot claim its run."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+    def claim() -> str:
+        raise ConfigError("resume='x': its run is finished")
+
+    try:
+        setup().from_main(claim)
+    except (ConfigError, MainRankFailed) as err:
+        outcome.put((rank, type(err).__name__, str(err)))
+
+
+def test_when_rank_0_cannot_start_the_run_no_rank_waits_for_it():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcome = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_start_a_run, args=(port, outcome), nprocs=2, join=True)
+    found = sorted(outcome.get() for _ in range(2))
+    assert found == [
+        (0, "ConfigError", "resume='x': its run is finished"),
+        (1, "MainRankFailed", "rank 0 failed: resume='x': its run is finished"),
+    ]

@@ -18,16 +18,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from muonreg.errors import UserError, one_line
+
+T = TypeVar("T")
 LAUNCH_TIME = "MUONREG_LAUNCH_TIME"  # rank 0's clock at launch, for `${muonreg.now:...}` on every rank
 # Ranks wait in a collective while rank 0 alone validates (each epoch) or starts the next sweep job
 # after its test evaluation: far longer than a kernel, so NCCL's 10-minute default is too short.
@@ -76,6 +79,10 @@ def launch(environ: Mapping[str, str] = os.environ) -> Launch:
     return Launch(int(rank), int(local), size, env)
 
 
+class MainRankFailed(UserError, RuntimeError):
+    """Rank 0 failed at a step the other ranks were waiting for; its own log has the details."""
+
+
 @dataclass
 class World:
     rank: int = 0
@@ -105,6 +112,25 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def from_main(self, make: Callable[[], T]) -> T:
+        """`make()` run on rank 0, its result on every rank. If it raises (a tracking store that does not
+        answer, a run that cannot be resumed), every rank raises, rather than wait for rank 0 forever."""
+        if self.size == 1:
+            return make()
+        if not self.is_main:
+            value = self.share(None)
+            if isinstance(value, MainRankFailed):
+                dist.destroy_process_group()  # together with rank 0: the job is over
+                raise value
+            return value
+        try:
+            value = make()
+        except BaseException as err:
+            self.share(MainRankFailed(f"rank 0 failed: {one_line(err)}"))
+            dist.destroy_process_group()
+            raise
+        return self.share(value)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (e.g. their RNG states for a checkpoint)."""

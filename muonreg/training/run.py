@@ -61,12 +61,12 @@ def _claim_run_dir(cfg: DictConfig, cfg_hash: str) -> RunDir:
     that is a requeued submitit job, which SLURM starts again with the same arguments. A requeued
     job of your own sbatch script (new directory) resumes as with `resume=auto`.
     """
+    client = connect(tracking_uri(cfg))  # a store that does not answer fails here, before any rank trains
     here = RunDir(output_dir())
     if cfg.resume is None and here.record:
         return _continue_in_place(here, cfg_hash)
     resume = cfg.resume if cfg.resume is not None or not _requeued() else "auto"
     if resume is not None:
-        client = connect(tracking_uri(cfg))
         if resume != "auto":
             return resume_target(Path(str(resume)), client)
         found = find_resumable([cfg.paths.outputs, cfg.paths.multirun], cfg_hash, client)
@@ -121,10 +121,16 @@ def train(cfg: DictConfig) -> float:
     release_freed_memory()
     world = distributed.setup()
     cfg_hash = config_hash(cfg)
+    run_dir: RunDir | None = None
+
+    def claim() -> tuple[Path, Path | None]:
+        nonlocal run_dir
+        run_dir = _claim_run_dir(cfg, cfg_hash)
+        return run_dir.path, run_dir.checkpoint
+
     with Interrupts().installed() as interrupts:  # scheduler signals: checkpoint, stop, requeue
-        run_dir = _claim_run_dir(cfg, cfg_hash) if world.is_main else None
+        path, checkpoint = world.from_main(claim)
         try:
-            path, checkpoint = world.share((run_dir.path, run_dir.checkpoint) if run_dir else None)
             state = load_checkpoint(checkpoint) if checkpoint else None
             resume_id = run_dir.record.get("mlflow_run_id") if run_dir else None
             with (
