@@ -8,6 +8,7 @@ directory and one MLflow run, and a sweep one parent run.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -53,14 +54,18 @@ def test_two_process_data_parallel_training_under_torchrun(root, data_dir):
     _one_finished_run(root)
 
 
-def test_two_slurm_tasks_form_one_job(root, data_dir):
-    """What srun gives two tasks of one step (no WORLD_SIZE): one process group, one run."""
+def _slurm_tasks(root: Path, data_dir: Path, restarts: int = 0) -> list[subprocess.Popen]:
+    """The two tasks of one srun step (no WORLD_SIZE), as SLURM starts them (again, after `restarts`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
-    slurm |= {"SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(port)}
-    procs = [
+    slurm |= {
+        "SLURM_STEP_NODELIST": "localhost",
+        "MASTER_PORT": str(port),
+        "SLURM_RESTART_COUNT": str(restarts),
+    }
+    return [
         subprocess.Popen(
             command(root, data_dir, "trainer.max_epochs=2"),
             cwd=ROOT,
@@ -71,9 +76,35 @@ def test_two_slurm_tasks_form_one_job(root, data_dir):
         )
         for rank in (0, 1)
     ]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    _one_finished_run(root)
+
+
+def test_two_slurm_tasks_form_one_job_that_stops_together_and_continues_when_requeued(root, data_dir):
+    """Two SLURM tasks are one process group and one run. SLURM's warning signal reaching one task only
+    stops both at the same step, after a checkpoint; the job SLURM starts again (SLURM_RESTART_COUNT=1,
+    a new output directory) continues that run."""
+    first = _slurm_tasks(root, data_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+        "epoch 1 batch 1/" in log.read_text() for log in root.glob("outputs/*/*/train.log")
+    ):
+        time.sleep(0.02)
+    first[1].send_signal(signal.SIGUSR2)
+    logs = [p.communicate(timeout=180)[0] for p in first]
+    assert all(p.returncode != 0 for p in first) and "stop signal: checkpoint" in logs[0]
+    (killed,) = runs(root)
+    assert killed.info.status == "KILLED"
+    (sidecar,) = root.glob("outputs/*/*/checkpoints/last.pt.json")
+    assert json.loads(sidecar.read_text())["epoch"] == 1  # mid-epoch: the checkpoint of the signal
+
+    again = _slurm_tasks(root, data_dir, restarts=1)
+    logs = [p.communicate(timeout=180)[0] for p in again]
+    assert [p.returncode for p in again] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    (run,) = runs(root)  # the other rank logs nothing, and the requeued job continued the run
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client(root).get_metric_history(run.info.run_id, "val/loss")) == [0, 1]
+    steps = sorted(m.step for m in client(root).get_metric_history(run.info.run_id, "train/step_loss"))
+    assert steps == list(range(1, 9))  # 4 steps per epoch and rank, each logged once
+    assert [p.parent.parent for p in root.glob("outputs/**/checkpoints/last.pt")] == [sidecar.parent.parent]
     assert "SLURM job 4242 records into the SQLite file" in logs[0]  # and says how to start a server
     assert "mlflow server" in logs[0] and "SQLite" not in logs[1]
 

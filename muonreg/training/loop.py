@@ -219,8 +219,10 @@ class Trainer:
         return stop, by_steps or by_time
 
     def _stop(self) -> None:
-        """Checkpoint where training stands and stop: the run ends KILLED, ready to continue."""
+        """Checkpoint where training stands and stop (every rank at once): the run ends KILLED, ready to
+        continue."""
         path = self.save("last.pt")
+        self.world.close()
         if self.is_main:
             log.warning(
                 "stop signal: checkpoint %s at epoch %d, batch %d; the run can be continued",
