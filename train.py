@@ -1,10 +1,13 @@
 """Train the muon tracker: `python train.py [-m] key=value ...` (see conf/train.yaml and README.md)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-import muonreg.config  # noqa: F401  (registers the ${muonreg.root:} resolver before Hydra composes)
+import muonreg.config  # noqa: F401  (registers the ${muonreg.*:} resolvers before Hydra composes)
 from muonreg.errors import hydra_user_errors
+from muonreg.training import distributed
 from muonreg.training.run import train
 
 
@@ -15,4 +18,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    # Under torchrun or SLURM tasks every rank runs this file: they share one output directory,
+    # and rank 0 alone writes its .hydra/ record.
+    if not distributed.share_launch_time().is_main:
+        sys.argv.append("hydra.output_subdir=null")
     main()

@@ -8,6 +8,7 @@ the first second with a message that names the key.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from muonreg.data.features import DERIVED
 from muonreg.data.format import is_dataset, read_metadata
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError
+from muonreg.training.distributed import LAUNCH_TIME
 
 POOLING_OPS = ("mean", "sum", "max", "min", "station", "fit")
 THRESHOLD_MODES = ("hard", "soft")
@@ -46,9 +48,18 @@ def project_root() -> Path:
     return Path(env).resolve() if env else Path(__file__).resolve().parents[1]
 
 
+def launch_time(pattern: str) -> str:
+    """`${muonreg.now:PATTERN}`: Hydra's `now`, except that every rank of a distributed job gets rank 0's
+    launch time (muonreg.training.distributed.share_launch_time), so all name the same directory."""
+    stamp = os.environ.get(LAUNCH_TIME)
+    return (datetime.fromtimestamp(float(stamp)) if stamp else datetime.now()).strftime(pattern)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("muonreg.root"):
         OmegaConf.register_new_resolver("muonreg.root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("muonreg.now"):
+        OmegaConf.register_new_resolver("muonreg.now", launch_time, use_cache=True)
 
 
 register_resolvers()
@@ -150,6 +161,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.device", device, "must be auto, cpu, cuda or cuda:N")
     if tr.precision not in PRECISIONS:
         _fail("trainer.precision", tr.precision, f"must be one of {list(PRECISIONS)}")
+    if not isinstance(tr.tf32, bool):
+        _fail("trainer.tf32", tr.tf32, "must be true or false")
     for key in ("batch_size", "eval_batch_size", "max_epochs", "max_consecutive_nonfinite"):
         if not isinstance(tr[key], int) or tr[key] < 1:
             _fail(f"trainer.{key}", tr[key], "must be a positive integer")

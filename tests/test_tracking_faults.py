@@ -143,6 +143,23 @@ def test_the_sink_warns_once_while_the_store_refuses_writes_and_writes_everythin
     assert not (tmp_path / "buffer.jsonl").exists()
 
 
+def test_a_store_slow_to_answer_never_holds_up_a_training_step(tmp_path, store):
+    """Only rank 0 logs, and its training thread only appends to a file: a write hanging on the store
+    (here on SQLite's lock) delays neither rank 0's next step nor the ranks waiting for it there."""
+    c, uri, experiment = store
+    run_id = c.create_run(experiment).info.run_id
+    sink = TrackingSink(c, run_id, uri, tmp_path / "buffer.jsonl")
+    connection = _lock(tmp_path / "mlflow.db")
+    sink.log_metrics({"loss": 1.0}, 0)
+    time.sleep(0.5)  # the writer thread is now waiting for the lock
+    start = time.perf_counter()
+    for step in range(1, 51):
+        sink.log_metrics({"loss": 1.0 / step}, step)
+    assert time.perf_counter() - start < 0.5
+    connection.execute("ROLLBACK")
+    assert sink.close("FINISHED") and _steps(c, run_id, "loss") == list(range(51))
+
+
 def test_what_the_store_never_took_is_named_at_the_end_and_replays(tmp_path, store, caplog):
     c, uri, experiment = store
     run_id = c.create_run(experiment).info.run_id

@@ -1,6 +1,7 @@
 """The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
 from muonreg.training.checkpoint import load_checkpoint
+from muonreg.training.device import to_device
 from muonreg.training.health import HealthGuard, NonFiniteTrainingError
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
@@ -62,18 +64,24 @@ def _params(model):
 def test_nan_in_a_batch_skips_the_step_counts_it_and_saves_the_batch(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path)
     batch = _batch(loaders)
-    assert trainer.train_step(batch) is not None and trainer.state.global_step == 1
+    trainer.train_step(batch)
+    assert trainer.state.global_step == 1 and trainer.guard.total == 0
     before = _params(trainer.model)
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
     bad = dict(batch, hit_x=batch["hit_x"].clone())
     bad["hit_x"][0, 0, 0] = math.nan
-    assert trainer.train_step(bad) is None
+    assert not math.isfinite(trainer.train_step(bad)["loss"])
     assert all(
         torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)
-    )  # no update
+    )  # no update, not even weight decay
+    assert all(
+        torch.equal(a, s["exp_avg"]) for a, s in zip(moments, trainer.optimizer.state.values(), strict=True)
+    )  # nor of the optimiser's moments
     assert trainer.guard.total == 1 and trainer.state.global_step == 1
     saved = torch.load(tmp_path / "nonfinite" / "nonfinite_step1.pt", weights_only=False)
     assert torch.isnan(saved["batch"]["hit_x"]).sum() == 1 and "model" in saved
-    assert trainer.train_step(batch) is not None and trainer.guard.consecutive == 0
+    trainer.train_step(batch)
+    assert trainer.state.global_step == 2 and trainer.guard.consecutive == 0
 
 
 def test_repeated_nan_batches_stop_training_naming_the_first_module(loaders, tmp_path):
@@ -93,7 +101,8 @@ def test_a_module_emitting_nan_is_named(loaders, tmp_path):
     trainer.model.encoder.layers[1].register_forward_hook(lambda module, inputs, output: output * math.nan)
     batch = _batch(loaders)
     for _ in range(2):
-        assert trainer.train_step(batch) is None
+        trainer.train_step(batch)
+    assert trainer.guard.consecutive == 2
     with pytest.raises(NonFiniteTrainingError, match=r"'encoder\.layers\.1'"):
         trainer.train_step(batch)
     assert trainer.guard.total == 3 and trainer.state.global_step == 0
@@ -178,3 +187,34 @@ def test_a_physical_metric_drives_early_stopping(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path, max_epochs=1, monitor="val/qpt_resolution")
     best = trainer.fit()
     assert best == trainer.state.best and (math.isnan(best) or best > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_training_loop_never_makes_the_host_wait_for_the_gpu(loaders, tmp_path):
+    """No host sync in the loop's own code on an ordinary step (the model's, if any, bench/gpu_check.py counts)."""
+    device = torch.device("cuda")
+    model = make_model(input_size=len(FEATURES)).to(device)
+    optimizer = build_optimizer(model, 1e-3, 1e-5)
+    trainer = Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, 10),
+        loaders,
+        device=device,
+        checkpoint_dir=tmp_path / "checkpoints",
+        guard=HealthGuard(3, tmp_path / "nonfinite"),
+    )
+    batches = [to_device(b, device) for b in loaders["train"]]
+    trainer.train_step(batches[0])  # first use: allocations, library handles
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches[1:4]:
+                trainer.train_step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    in_loop = [f"{w.filename}:{w.lineno}" for w in caught if "muonreg/training" in w.filename]
+    assert in_loop == []
+    trainer.save("last.pt")  # reads the flags of every step: all were kept
+    assert trainer.state.global_step == 4 and trainer.guard.total == 0

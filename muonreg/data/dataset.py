@@ -148,6 +148,8 @@ class EventBatchSampler(Sampler[list[int]]):
     pool touches only a few blocks (each decompressed once per reader). The order depends only
     on (seed, epoch): `set_epoch(epoch, start_batch=k)` resumes a killed epoch at batch k, and
     rank r of `world_size` takes every world_size-th batch (trimmed so all ranks take as many).
+    The batches of one step, one per rank, are neighbours in hit count (they are shuffled as a
+    group), so no rank waits at the gradient all-reduce for another's much larger batch.
     """
 
     def __init__(
@@ -189,7 +191,7 @@ class EventBatchSampler(Sampler[list[int]]):
         """All batches of the current epoch for this rank, before skipping `start_batch`."""
         rng = np.random.default_rng((self.seed, self.epoch))
         order = self._order(rng)
-        size, batches = self.batch_size, []
+        size, ranks, batches, rest = self.batch_size, self.world_size, [], []
         for start in range(0, len(order), self.pool):
             pool = order[start : start + self.pool]
             if self.bucket:
@@ -197,11 +199,14 @@ class EventBatchSampler(Sampler[list[int]]):
             part = [pool[i : i + size] for i in range(0, len(pool), size)]
             if self.drop_last:
                 part = [b for b in part if len(b) == size]
+            steps = [part[i : i + ranks] for i in range(0, len(part), ranks)]  # one batch per rank
             if self.shuffle:
-                part = [part[i] for i in rng.permutation(len(part))]
-            batches += part
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
+                steps = [steps[i] for i in rng.permutation(len(steps))]
+            batches += [b for step in steps if len(step) == ranks for b in step]
+            rest += [b for step in steps if len(step) < ranks for b in step]
+        batches += rest
+        usable = len(batches) - len(batches) % ranks
+        return batches[self.rank : usable : ranks]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([b.tolist() for b in self.batches()[self.start_batch :]])

@@ -10,10 +10,16 @@ the ways a store is unusable into one-line TrackingErrors naming the URI:
 - a fresh SQLite file: MLflow creates its schema on first use, and two processes doing so at
   once make one of them fail (`table ... already exists`). A file lock next to the database
   serialises that first use across processes, so any number of sweeps and jobs can start together.
+
+SQLite is for one machine: on a cluster's shared filesystem (NFS, Lustre) its file locks are
+unreliable, and dozens of jobs writing at once get "database is locked" or a corrupted file. A SLURM
+sweep is therefore refused on SQLite (muonreg.tracking.sweep), and a job running under SLURM or on
+several nodes warns loudly; both say how to start a tracking server (SERVER_HOWTO).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -28,8 +34,16 @@ from muonreg.config import project_root
 from muonreg.errors import UserError, root_cause
 from muonreg.locking import exclusive
 
+log = logging.getLogger(__name__)
+
 PROBE_TIMEOUT_S = 5.0
 SOURCES = "MLFLOW_TRACKING_URI, tracking.uri or --tracking-uri"
+SERVER_HOWTO = (
+    "start a tracking server once, on a host the compute nodes reach (e.g. a login node): "
+    "mlflow server --backend-store-uri sqlite:///$HOME/mlflow/mlflow.db --artifacts-destination "
+    "$HOME/mlflow/artifacts --host 0.0.0.0 --port 5000 (or a PostgreSQL backend for a team), then "
+    "export MLFLOW_TRACKING_URI=http://<that host>:5000 before launching (README: GPU and clusters)"
+)
 
 
 class TrackingError(UserError, RuntimeError):
@@ -71,6 +85,29 @@ def check_uri(uri: str) -> None:
                 f"MLflow tracking server {uri} cannot be reached ({err}); start it, or point "
                 f"{SOURCES} at a reachable store (unset, runs go to the project's mlflow.db)"
             ) from err
+
+
+def cluster_job(world_size: int) -> str | None:
+    """What makes this job a cluster job (SLURM, or processes on several nodes), or None."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"SLURM job {os.environ['SLURM_JOB_ID']}"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:  # torchrun over several nodes
+        return f"{world_size} processes on several nodes"
+    return None
+
+
+def warn_if_shared_sqlite(uri: str, world_size: int) -> None:
+    """Warn loudly when a cluster job records into a SQLite file (training itself is never at risk:
+    muonreg.tracking.sink retries and keeps what the store refuses)."""
+    job = cluster_job(world_size)
+    if job and sqlite_file(uri) is not None:
+        log.warning(
+            "%s records into the SQLite file %s: on a shared filesystem concurrent jobs get "
+            "'database is locked' or corrupt it. To record cluster runs safely, %s",
+            job,
+            sqlite_file(uri),
+            SERVER_HOWTO,
+        )
 
 
 @contextmanager

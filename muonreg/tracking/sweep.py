@@ -6,6 +6,10 @@ jobs (joblib, submitit) never race on SQLite schema creation, and every job find
 `hydra.sweep.dir` fails the sweep without leaving a parent behind. Hydra skips `on_multirun_end` when a job fails, so the parent
 is also closed at interpreter exit: FINISHED only if the sweep ended normally and every child
 FINISHED, FAILED otherwise; it never stays RUNNING.
+
+`torchrun ... train.py -m` runs the sweep in every rank, each job together: only rank 0 makes the
+parent, and the jobs run one after another (the basic launcher). A SLURM sweep on a SQLite store is
+refused before anything is submitted (muonreg.tracking.store: SQLite on a shared filesystem).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from muonreg.errors import exit_on_user_errors
-from muonreg.tracking.runs import PARENT_FILE, setup_experiment
+from muonreg.tracking.runs import PARENT_FILE, setup_experiment, tracking_uri
+from muonreg.tracking.store import SERVER_HOWTO, TrackingError, sqlite_file
+from muonreg.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,22 @@ class MlflowSweepCallback(Callback):
         from muonreg.training.setup import dataset_path
 
         validate(config)
+        launcher = str(config.hydra.launcher._target_)
+        world = distributed.launch()
+        if world.size > 1 and not launcher.endswith(".BasicLauncher"):
+            raise ConfigError(
+                f"-m under torchrun or SLURM tasks ({world.size} processes) runs its jobs one after another, "
+                "all ranks together: drop the hydra/launcher override (the basic launcher does that)"
+            )
+        if world.rank != 0:
+            return  # the sweep's parent run is rank 0's
+        uri = tracking_uri(config)
+        if launcher.endswith(".SlurmLauncher") and sqlite_file(uri) is not None:
+            raise TrackingError(
+                f"hydra/launcher=slurm with the SQLite tracking store {uri}: SQLite on a cluster's shared "
+                f"filesystem breaks under concurrent jobs ('database is locked', corruption). To sweep on "
+                f"SLURM, {SERVER_HOWTO}"
+            )
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)

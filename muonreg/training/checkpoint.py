@@ -1,7 +1,7 @@
 """Checkpoints that let a killed run continue exactly where it stopped.
 
 A checkpoint holds the model, optimiser, scheduler, the position in the epoch, early-stopping
-state, every RNG state and the MLflow run id. It is written to a temporary file and renamed, so
+state, every RNG state (CPU and CUDA, of every rank) and the MLflow run id. It is written to a temporary file and renamed, so
 a kill during the write leaves the previous checkpoint intact. A small JSON sidecar says what it
 holds (epoch, step, whether training finished) to tools that do not load torch. Which run a
 checkpoint belongs to, and whether that run is done, is its run directory's business
@@ -32,13 +32,18 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], sidecar: dict[str, Any]) -> None:

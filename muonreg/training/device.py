@@ -1,5 +1,8 @@
-"""Device choice and the CUDA fast path: bf16 autocast, pinned memory, non-blocking copies.
+"""Device choice and the CUDA fast path: bf16 autocast, TF32 matmuls, pinned memory, non-blocking copies.
 
+bf16 and TF32 need an Ampere or newer GPU (compute capability 8.0). On older GPUs bf16 is emulated,
+slower than float32, so `precision=auto` trains them in float32 (not fp16: its range needs loss
+scaling, and float32 is what the CPU results are compared with) and an explicit `bf16` is refused.
 Everything here also runs on CPU (autocast disabled, plain copies), so the same loop is used
 everywhere and the GPU path's logic is exercised by the CPU tests.
 """
@@ -12,6 +15,9 @@ import sys
 
 import torch
 
+from muonreg.config import ConfigError
+
+AMPERE = (8, 0)  # compute capability with native bf16 and TF32
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -27,11 +33,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def ampere_or_newer(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= AMPERE
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32 (`auto`: bf16 on CUDA only)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """The autocast dtype, or None for plain float32 (`auto`: bf16 on Ampere or newer GPUs only)."""
+    if precision == "fp32" or (precision == "auto" and not ampere_or_newer(device)):
         return None
+    if device.type == "cuda" and not ampere_or_newer(device):
+        raise ConfigError(
+            f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16 and would "
+            "emulate it, slower than float32; use trainer.precision=auto or fp32"
+        )
     return torch.bfloat16
+
+
+def allow_tf32(device: torch.device, allowed: bool) -> None:
+    """TF32 float32 matmuls (10-bit mantissa, ~8x the float32 rate) on Ampere or newer GPUs."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if allowed else "ieee"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

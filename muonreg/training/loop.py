@@ -2,6 +2,12 @@
 
 `Trainer` knows nothing about Hydra or MLflow: it gets a model, an optimiser, loaders and a
 `log(metrics, step)` callable, so tests drive it directly.
+
+A step never waits for the device: its losses stay there, summed for the epoch; a non-finite step
+is skipped on the device and reported to the host when the device has passed it (health.StepFlags);
+numbers are read every `log_every_steps` and at the end of the epoch. Under DistributedDataParallel
+every decision is the same on every rank: rank 0 validates and shares the metrics, a stop signal or
+a time-based checkpoint is agreed on at the logging steps, and checkpoints hold every rank's RNG.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ import logging
 import math
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +32,10 @@ from muonreg.evaluation.inference import evaluate, forward_loss, unwrap
 from muonreg.evaluation.metrics import TrackRecords
 from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from muonreg.training.device import to_device
-from muonreg.training.health import HealthGuard
+from muonreg.training.distributed import World
+from muonreg.training.health import HealthGuard, StepFlags
+from muonreg.training.interrupts import Interrupts
+from muonreg.training.optim import step_unless
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ log = logging.getLogger(__name__)
 class TrainState:
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # batches already taken from the current epoch
-    global_step: int = 0  # optimiser steps taken (skipped steps excluded)
+    global_step: int = 0  # optimiser steps taken (skipped steps excluded; exact in checkpoints)
     best: float = math.inf
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the monitored metric last improved
@@ -65,7 +73,8 @@ class Trainer:
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
         log_every_steps: int = 20,
         metadata: dict[str, Any] | None = None,
-        is_main: bool = True,
+        world: World | None = None,
+        interrupts: Interrupts | None = None,
     ):
         self.model = model
         self.core = unwrap(model)
@@ -83,36 +92,54 @@ class Trainer:
         self.log = log
         self.log_every_steps = log_every_steps
         self.metadata = metadata or {}
-        self.is_main = is_main
+        self.world = world or World()
+        self.is_main = self.world.is_main
+        self.interrupts = interrupts or Interrupts()
+        self.flags = StepFlags()
+        self._names: list[str] = []  # the loss components and "grad_norm", in the order of _sums
+        self._sums: torch.Tensor | None = None  # this epoch's _names, summed over the kept steps
+        self._kept: torch.Tensor | None = None  # and how many steps were kept
         self.state = TrainState()
-        self.progress = is_main and sys.stderr.isatty()
+        self.progress = self.is_main and sys.stderr.isatty()
 
     # -- one step -----------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
-        """One optimiser step; returns the loss components, or None when the step was skipped."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step, skipped on the device when the loss or the gradient norm is not finite.
+
+        Returns the loss components and the gradient norm as device tensors; nothing here waits for
+        the device (the health guard hears of a skipped step when the device has passed it).
+        """
         self.model.train()
         _, losses = forward_loss(self.model, batch, self.device, self.amp_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # The norm is taken before clipping: clipping by a NaN norm would smear NaN over every
-        # gradient and hide which parameter went bad.
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        names = list(losses)
-        # one host sync per step for the health check and the logged numbers
-        numbers = torch.stack([losses[k].detach() for k in names] + [total_norm.detach()]).tolist()
-        values, grad_norm = dict(zip(names, numbers[:-1], strict=True)), numbers[-1]
-        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
-            self.guard.bad(self.state.global_step, batch, self.core, lambda: self.model(batch))
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.guard.ok()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        values = {**{k: v.detach() for k, v in losses.items()}, "grad_norm": norm.detach()}
+        skip = self.world.any((~(torch.isfinite(values["loss"]) & torch.isfinite(norm))).float())
         if self.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total_norm)
-        self.optimizer.step()
+            # A non-finite norm must not scale the gradients: that would smear NaN over all of them
+            # and hide which parameter went bad (the step is skipped anyway).
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm.nan_to_num(0.0, 0.0, 0.0))
+        step_unless(self.optimizer, skip)
         self.scheduler.step()
-        self.state.global_step += 1
-        return {**values, "grad_norm": grad_norm}
+        kept = 1.0 - skip
+        self._names = list(values)
+        sums = torch.stack(list(values.values())).nan_to_num(0.0, 0.0, 0.0) * kept
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._kept = kept if self._kept is None else self._kept + kept
+        self.flags.put(batch, skip)
+        self._check_health()
+        return values
+
+    def _check_health(self, wait: bool = False) -> None:
+        """Count the steps the device has finished (all of them if `wait`): kept, or skipped as non-finite."""
+        for batch, skipped in self.flags.ready(wait):
+            if skipped:
+                self.guard.bad(self.state.global_step, batch, self.core, lambda b=batch: self.core(b))
+            else:
+                self.guard.ok()
+                self.state.global_step += 1
 
     # -- epochs -------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -125,56 +152,86 @@ class Trainer:
             if self.max_steps_per_epoch is None
             else self.max_steps_per_epoch - self.state.step_in_epoch
         )
-        sums: dict[str, float] = defaultdict(float)
+        self._sums = self._kept = None
         events = 0
         start = time.perf_counter()
         bar = tqdm(
             total=max(total, 0), desc=f"epoch {self.state.epoch}", disable=not self.progress, leave=False
         )
-        for batch in itertools.islice(loader, max(total, 0)):
-            batch = to_device(batch, self.device)
-            values = self.train_step(batch)
-            events += len(batch["event_index"])
-            self.state.step_in_epoch += 1
-            bar.update()
-            if values is not None:
-                for k, v in values.items():
-                    sums[k] += v
-                sums["_count"] += 1
-                if self.state.global_step % self.log_every_steps == 0:
+        with self.interrupts.deferred():  # a stop signal: finish the step, checkpoint, then stop
+            for batch in itertools.islice(loader, max(total, 0)):
+                batch = to_device(batch, self.device)
+                values = self.train_step(batch)
+                events += len(batch["event_index"])
+                self.state.step_in_epoch += 1
+                bar.update()
+                at_log_step = self.state.step_in_epoch % self.log_every_steps == 0
+                if at_log_step:
                     rate = events / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", ev_s=f"{rate:.0f}")
-                    self.log({"train/step_loss": values["loss"]}, self.state.global_step)
-                    if (
-                        self.is_main and not self.progress
-                    ):  # no terminal (batch job, log file): progress as log lines
-                        log.info(
-                            "epoch %d batch %d/%d: loss %.4f, %.0f events/s",
-                            self.state.epoch,
-                            self.state.step_in_epoch,
-                            first + total,
-                            values["loss"],
-                            rate,
-                        )
-            if self._checkpoint_due(values is not None):
-                self.save("last.pt")
+                    self._log_step(float(values["loss"]), rate, bar, first + total)
+                stop, checkpoint = self._control(at_log_step)
+                if stop:
+                    self._stop()
+                if checkpoint:
+                    self.save("last.pt")
+            if self.world.agree(self.interrupts.requested)[0]:
+                self._stop()
         bar.close()
-        count = sums.pop("_count", 0)
-        metrics = {f"train/{k}": v / count for k, v in sums.items()} if count else {}
+        self._check_health(wait=True)
+        metrics = {}
+        kept = 0.0 if self._kept is None else float(self._kept)
+        if kept:
+            metrics = {f"train/{k}": v / kept for k, v in zip(self._names, self._sums.tolist(), strict=True)}
         metrics["train/events_per_s"] = events / max(time.perf_counter() - start, 1e-9)
         metrics["health/nonfinite_steps"] = float(self.guard.total)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
-    def _checkpoint_due(self, stepped: bool) -> bool:
-        """Every N optimiser steps and, so that a kill at any moment loses little, every few minutes."""
-        by_steps = (
-            stepped
-            and self.checkpoint_every_steps
-            and self.state.global_step % self.checkpoint_every_steps == 0
+    def _log_step(self, loss: float, rate: float, bar: tqdm, end: int) -> None:
+        """The step's loss, read from the device (a host sync, every `log_every_steps`)."""
+        self._check_health()  # after that read every finished step can be counted
+        if not math.isfinite(loss):
+            return
+        bar.set_postfix(loss=f"{loss:.4f}", ev_s=f"{rate:.0f}")
+        self.log({"train/step_loss": loss}, self.state.global_step)
+        if self.is_main and not self.progress:  # no terminal (batch job, log file): progress as log lines
+            log.info(
+                "epoch %d batch %d/%d: loss %.4f, %.0f events/s",
+                self.state.epoch,
+                self.state.step_in_epoch,
+                end,
+                loss,
+                rate,
+            )
+
+    def _control(self, at_log_step: bool) -> tuple[bool, bool]:
+        """(stop, checkpoint) after this step: the same on every rank, which agree at the logging steps."""
+        by_steps = bool(
+            self.checkpoint_every_steps and self.state.step_in_epoch % self.checkpoint_every_steps == 0
         )
-        by_time = self.checkpoint_every_s and time.monotonic() - self._saved_at >= self.checkpoint_every_s
-        return bool(by_steps or by_time)
+        by_time = bool(
+            self.checkpoint_every_s and time.monotonic() - self._saved_at >= self.checkpoint_every_s
+        )
+        stop = self.interrupts.requested
+        if self.world.size > 1:
+            if not at_log_step:
+                return False, by_steps
+            stop, by_time = self.world.agree(stop, by_time)
+        return stop, by_steps or by_time
+
+    def _stop(self) -> None:
+        """Checkpoint where training stands and stop (every rank at once): the run ends KILLED, ready to
+        continue."""
+        path = self.save("last.pt")
+        self.world.close()
+        if self.is_main:
+            log.warning(
+                "stop signal: checkpoint %s at epoch %d, batch %d; the run can be continued",
+                path,
+                self.state.epoch,
+                self.state.step_in_epoch,
+            )
+        raise KeyboardInterrupt("stop signal: checkpoint written")
 
     def evaluate(self, split: str) -> tuple[dict[str, float], TrackRecords]:
         """Mean losses and tracking metrics of a split, with the per-muon records behind them."""
@@ -184,7 +241,7 @@ class Trainer:
         """Train until max_epochs or early stopping; return the best monitored value."""
         while self.state.epoch < self.max_epochs and not self.state.finished:
             metrics = self.train_epoch()
-            metrics.update(self.evaluate("val")[0])
+            metrics.update(self.world.share(self.evaluate("val")[0] if self.is_main else None))
             if self.monitor not in metrics:
                 raise ConfigError(
                     f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
@@ -231,7 +288,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
             "nonfinite_steps": self.guard.total,
-            "rng": rng_state(),
+            "rng": self.world.gather(rng_state()),  # one per rank
+            "world_size": self.world.size,
             "metadata": self.metadata,
         }
 
@@ -241,10 +299,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["trainer"])
         self.guard.total = state["nonfinite_steps"]
-        set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # before issue 15: rank 0's
+        set_rng_state(rng[self.world.rank])
 
     def save(self, name: str) -> Path:
+        """Write a checkpoint (rank 0); every rank calls it at the same steps (it gathers their RNG)."""
         path = self.checkpoint_dir / name
+        self._check_health(wait=True)  # so that the step counts it records are exact
+        state = self.state_dict()
         if self.is_main:
             sidecar = {
                 **self.metadata,
@@ -252,6 +314,6 @@ class Trainer:
                 "global_step": self.state.global_step,
                 "finished": self.state.finished,
             }
-            save_checkpoint(path, self.state_dict(), sidecar)
+            save_checkpoint(path, state, sidecar)
         self._saved_at = time.monotonic()
         return path

@@ -1,4 +1,8 @@
-"""AdamW with a one-cycle learning-rate schedule; no weight decay on norms and biases (1-d parameters)."""
+"""AdamW with a one-cycle learning-rate schedule; no weight decay on norms and biases (1-d parameters).
+
+The fused AdamW kernel can skip a step on the device (`step_unless`), so a non-finite step costs
+the host no sync to be skipped.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, skipped on the device where `skip` (a 0/1 float scalar) is 1: parameters,
+    moments and step counts stay as they were. This is how torch's GradScaler hands its found_inf
+    flag to fused optimizers (AdamW(fused=True) reads `found_inf` and `grad_scale`)."""
+    optimizer.found_inf, optimizer.grad_scale = skip, None
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
 
 
 def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 1 / 25, end: float = 1e-4):

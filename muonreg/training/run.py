@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +14,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from muonreg.config import flatten, validate
+from muonreg.config import ConfigError, flatten, validate
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.runs import job_run, tracking_uri
 from muonreg.tracking.sink import TrackingSink
-from muonreg.tracking.store import connect
+from muonreg.tracking.store import connect, warn_if_shared_sqlite
 from muonreg.training import distributed
 from muonreg.training.checkpoint import config_hash, load_checkpoint
-from muonreg.training.device import autocast_dtype, release_freed_memory, resolve_device
+from muonreg.training.device import allow_tf32, autocast_dtype, release_freed_memory, resolve_device
 from muonreg.training.health import HealthGuard
+from muonreg.training.interrupts import Interrupts
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
 from muonreg.training.rundir import RunDir, find_resumable, resume_target
@@ -49,21 +49,47 @@ def output_dir() -> Path:
     )
 
 
+def _requeued() -> bool:
+    """A SLURM job started again by the scheduler (pre-emption, or `scontrol requeue`)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+
+
 def _claim_run_dir(cfg: DictConfig, cfg_hash: str) -> RunDir:
-    """The run directory this job works in, locked: the run to resume, or a fresh one (Hydra's)."""
-    if cfg.resume is not None:
-        client = connect(tracking_uri(cfg))
-        if cfg.resume != "auto":
-            return resume_target(Path(str(cfg.resume)), client)
+    """The run directory this job works in, locked: the run to resume, or a fresh one (Hydra's).
+
+    A job that finds an unfinished run of its own config in its own output directory continues it:
+    that is a requeued submitit job, which SLURM starts again with the same arguments. A requeued
+    job of your own sbatch script (new directory) resumes as with `resume=auto`.
+    """
+    client = connect(tracking_uri(cfg))  # a store that does not answer fails here, before any rank trains
+    here = RunDir(output_dir())
+    if cfg.resume is None and here.record:
+        return _continue_in_place(here, cfg_hash)
+    resume = cfg.resume if cfg.resume is not None or not _requeued() else "auto"
+    if resume is not None:
+        if resume != "auto":
+            return resume_target(Path(str(resume)), client)
         found = find_resumable([cfg.paths.outputs, cfg.paths.multirun], cfg_hash, client)
         log.info(
             "resume=auto: %s", found.path if found else "no unfinished run of this config; starting fresh"
         )
         if found is not None:
             return found
-    run_dir = RunDir(output_dir())
-    run_dir.acquire()
-    return run_dir
+    here.acquire()
+    return here
+
+
+def _continue_in_place(here: RunDir, cfg_hash: str) -> RunDir:
+    where = f"the output directory {here.path} already holds a run"
+    if here.record.get("config_hash") != cfg_hash:
+        raise ConfigError(f"{where} of another configuration; give this one its own hydra.run.dir")
+    if not here.acquire():
+        raise ConfigError(f"{where}, which a live process is training")
+    if here.record.get("done"):
+        here.release()
+        raise ConfigError(f"{where}, finished; a finished run is never written to again")
+    log.info("continuing the unfinished run in %s (a requeued job)", here.path)
+    return here
 
 
 @contextlib.contextmanager
@@ -82,17 +108,6 @@ def _logging_into(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _interrupt_on_sigterm() -> None:
-    """Batch schedulers stop jobs with SIGTERM: turn it into KeyboardInterrupt, so the MLflow run
-    ends KILLED (not RUNNING forever) and `resume=auto` continues from the last checkpoint."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-
-
 def train(cfg: DictConfig) -> float:
     """Train, validate and test one configuration; return the best value of `cfg.optimized_metric`.
 
@@ -103,38 +118,59 @@ def train(cfg: DictConfig) -> float:
     tracking buffer), so a done run is never resumed and an unfinished one always is.
     """
     validate(cfg)
-    _interrupt_on_sigterm()
     release_freed_memory()
     world = distributed.setup()
     cfg_hash = config_hash(cfg)
-    run_dir = _claim_run_dir(cfg, cfg_hash) if world.is_main else None
-    try:
-        path, checkpoint = world.share((run_dir.path, run_dir.checkpoint) if run_dir else None)
-        state = load_checkpoint(checkpoint) if checkpoint else None
-        resume_id = run_dir.record.get("mlflow_run_id") if run_dir else None
-        with (
-            _logging_into(path) if world.is_main else contextlib.nullcontext(),
-            job_run(cfg, path, resume_id) if world.is_main else contextlib.nullcontext() as sink,
-        ):
-            if sink is not None and resume_id is None:
-                run_dir.write(
-                    config_hash=cfg_hash, mlflow_run_id=sink.run_id, tracking_uri=sink.uri, done=False
-                )
-                sink.log_params(flatten(cfg))
-                sink.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-                sink.set_tags({"config_hash": cfg_hash, "muonreg.run_dir": str(path.resolve())})
-            elif sink is not None:
-                log.info(
-                    "continuing run %s (MLflow run %s) from %s", path, resume_id, checkpoint or "its start"
-                )
-            best = _train_and_test(cfg, world, state, path, sink, cfg_hash)
-        if run_dir is not None:
-            run_dir.write(done=True)
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-    world.close()
+    run_dir: RunDir | None = None
+
+    def claim() -> tuple[Path, Path | None]:
+        nonlocal run_dir
+        run_dir = _claim_run_dir(cfg, cfg_hash)
+        return run_dir.path, run_dir.checkpoint
+
+    with Interrupts().installed() as interrupts:  # scheduler signals: checkpoint, stop, requeue
+        path, checkpoint = world.from_main(claim)
+        try:
+            state = load_checkpoint(checkpoint) if checkpoint else None
+            resume_id = run_dir.record.get("mlflow_run_id") if run_dir else None
+            with (
+                _logging_into(path) if world.is_main else contextlib.nullcontext(),
+                job_run(cfg, path, resume_id) if world.is_main else contextlib.nullcontext() as sink,
+            ):
+                if sink is not None:
+                    warn_if_shared_sqlite(sink.uri, world.size)
+                if sink is not None and resume_id is None:
+                    run_dir.write(
+                        config_hash=cfg_hash, mlflow_run_id=sink.run_id, tracking_uri=sink.uri, done=False
+                    )
+                    sink.log_params(flatten(cfg))
+                    sink.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+                    sink.set_tags({"config_hash": cfg_hash, "muonreg.run_dir": str(path.resolve())})
+                elif sink is not None:
+                    log.info(
+                        "continuing run %s (MLflow run %s) from %s",
+                        path,
+                        resume_id,
+                        checkpoint or "its start",
+                    )
+                best = _train_and_test(cfg, world, state, path, sink, cfg_hash, interrupts)
+            if run_dir is not None:
+                run_dir.write(done=True)
+        finally:
+            if run_dir is not None:
+                run_dir.release()
     return best
+
+
+def check_world_size(state: dict, size: int, run: Path) -> None:
+    """A run continues with as many processes as it was trained by: its position in the epoch and its
+    learning-rate schedule count each process's batches."""
+    trained = state.get("world_size", 1)
+    if trained != size:
+        raise ConfigError(
+            f"the checkpoint of {run} was trained by {trained} process(es) and this job has {size}: "
+            f"continue it with {trained} (torchrun --nproc_per_node, SLURM tasks), or start a fresh run"
+        )
 
 
 def _train_and_test(
@@ -144,9 +180,13 @@ def _train_and_test(
     out: Path,
     sink: TrackingSink | None,
     cfg_hash: str,
+    interrupts: Interrupts,
 ) -> float:
-    seed_everything(cfg.seed)
+    if state is not None:
+        check_world_size(state, world.size, out)
+    seed_everything(cfg.seed)  # the same initial model on every rank
     device = world.device or resolve_device(str(cfg.trainer.device))
+    allow_tf32(device, cfg.trainer.tf32)
     data = build_data(cfg, progress=world.is_main)
     model = build_model(cfg, data.features)
     fit_normalizations(
@@ -156,6 +196,8 @@ def _train_and_test(
         cfg.model.get("standardize_inputs", True),
     )
     model.to(device)
+    if world.size > 1:
+        seed_everything(world.rank_seed(cfg.seed))  # but each rank its own random numbers
     if sink is not None:
         sink.set_tags({"dataset": str(data.path), "device": str(device)})
 
@@ -188,7 +230,9 @@ def _train_and_test(
         checkpoint_dir=out / "checkpoints",
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         checkpoint_every_minutes=cfg.trainer.checkpoint_every_minutes,
-        guard=HealthGuard(cfg.trainer.max_consecutive_nonfinite, out / "nonfinite"),
+        guard=HealthGuard(
+            cfg.trainer.max_consecutive_nonfinite, out / "nonfinite" if world.is_main else None
+        ),
         log=log_metrics,
         log_every_steps=cfg.trainer.log_every_steps,
         metadata={
@@ -196,7 +240,8 @@ def _train_and_test(
             "mlflow_run_id": sink.run_id if sink else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
-        is_main=world.is_main,
+        world=world,
+        interrupts=interrupts,
     )
     if state is not None:
         trainer.load_state_dict(state)
@@ -207,6 +252,7 @@ def _train_and_test(
             "; training had finished: on to the test evaluation" if trainer.state.finished else "",
         )
     best = trainer.fit()
+    world.close()  # all ranks leave together, none waits while rank 0 alone tests
     if not world.is_main:  # the test evaluation, report and artifacts are rank 0's
         return best
 
