@@ -92,6 +92,14 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
     assert "model" in torch.load(best, weights_only=False)
 
 
+def test_a_bf16_run_on_the_cpu_finishes_with_finite_physics(tmp_path, data_dir):
+    """The GPU default precision, exercised where there is no GPU: CPU bf16 autocast end to end."""
+    run_train(tmp_path, data_dir, "trainer.precision=bf16")
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16"
+    assert all(math.isfinite(run.data.metrics[k]) for k in ("test/loss", "val/loss", "train/loss"))
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_threshold_sweep_makes_a_parent_and_three_children(tmp_path, data_dir, launcher):
     # joblib with a loader worker: DataLoader workers must start inside loky's processes.
