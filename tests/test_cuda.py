@@ -9,10 +9,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("dim, heads", [(64, 4), (32, 4)])
+@pytest.mark.parametrize("dim, heads", [(64, 4), (32, 4), (32, 8)])  # (32, 8): the default, padded
 def test_masked_attention_runs_on_the_memory_efficient_kernel_in_bf16(dim, heads):
-    """Memory-efficient attention takes boolean masks and head dims divisible by 8 in bf16; if the layout
-    did not qualify, `sdpa_kernel` restricted to it would raise instead of falling back to the math kernel."""
+    """Memory-efficient attention takes boolean masks and head dims divisible by 8 in bf16 (smaller
+    ones are padded on CUDA); if the layout did not qualify, `sdpa_kernel` restricted to it would
+    raise instead of falling back to the math kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device("cuda")

@@ -5,7 +5,7 @@ import torch
 
 from muonreg.models import MaskFormer
 from muonreg.models.decoder import Decoder
-from muonreg.models.layers import attendable
+from muonreg.models.layers import Attention, attendable
 from muonreg.tasks import ObjectHitMaskTask, ObjectRegressionTask, ObjectValidTask
 
 from conftest import FIELDS, make_model, synthetic_batch
@@ -43,6 +43,23 @@ def test_attendable_falls_back_to_valid_keys_then_all_keys():
         [[True, False, False], [True, True, False]],
         [[True, True, True], [True, True, True]],
     ]
+
+
+@pytest.mark.parametrize("dim, heads", [(32, 8), (24, 2), (32, 4)])
+def test_head_padding_for_the_fused_cuda_kernels_changes_no_output_or_gradient(dim, heads):
+    """Zero-padded head dims (what CUDA runs, for its fused kernels) give the unpadded attention."""
+    torch.manual_seed(0)
+    attention = Attention(dim, heads, pad_heads=False)
+    x = torch.randn(3, 7, dim, requires_grad=True)
+    mask = attendable(torch.rand(3, 7, 7) > 0.5, torch.ones(3, 7, dtype=torch.bool))
+    plain = attention(x, x, mask)
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), x)
+    attention.pad_heads = True
+    padded = attention(x, x, mask)
+    (grad_padded,) = torch.autograd.grad(padded.square().sum(), x)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_padded, grad_plain, rtol=1e-5, atol=1e-6)
+    assert grad_plain.abs().sum() > 0
 
 
 def test_query_with_no_claimed_hit_attends_to_all_valid_hits():

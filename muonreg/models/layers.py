@@ -40,10 +40,19 @@ def attendable(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(-1, keepdim=True), mask, keys)
 
 
-class Attention(nn.Module):
-    """Multi-head attention; `mask` [b, q, k] (or broadcastable [b, 1, k]) is True where allowed."""
+# CUDA's fused attention kernels (memory-efficient, cuDNN, flash) take 16-bit head dims that are multiples of 8.
+FUSED_HEAD_MULTIPLE = 8
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+
+class Attention(nn.Module):
+    """Multi-head attention; `mask` [b, q, k] (or broadcastable [b, 1, k]) is True where allowed.
+
+    Head dims that are not a multiple of 8 (the reference's dim 32 with 8 heads: 4) would send CUDA
+    to the math kernel, which materialises [b, heads, q, k] scores; `pad_heads` (default: on CUDA)
+    pads q, k and v with zeros to the next multiple, which changes no score and no output.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, pad_heads: bool | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
@@ -52,19 +61,23 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.pad_heads = pad_heads
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, n, d = x.shape
-        h = self.heads
-        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        h, e = self.heads, d // self.heads
+        q = self.q(x).view(b, n, h, e).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, e).permute(2, 0, 3, 1, 4)
+        pad = -e % FUSED_HEAD_MULTIPLE if (x.is_cuda if self.pad_heads is None else self.pad_heads) else 0
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         attn_mask = None if mask is None else mask.unsqueeze(1)  # broadcast over heads
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=e**-0.5
         )
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        return self.out(y[..., :e].transpose(1, 2).reshape(b, n, d))
 
 
 class Standardize(nn.Module):
