@@ -16,6 +16,7 @@ import csv
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -79,9 +80,13 @@ def latest_sweep(client: MlflowClient) -> Run:
 
 
 def select_runs(
-    client: MlflowClient, parent: str | None = None, experiment: str | None = None, filter_string: str = ""
+    client: MlflowClient,
+    parent: str | Sequence[str] | None = None,
+    experiment: str | None = None,
+    filter_string: str = "",
 ) -> tuple[Run | None, list[Run]]:
-    """(parent run or None, the runs to compare)."""
+    """(the first parent run or None, the runs to compare). Several parents pool the children of
+    sweeps that extend one study (more seeds, another value) into one table."""
     if parent is None and (experiment or filter_string):
         if experiment:
             found = client.get_experiment_by_name(experiment)
@@ -92,11 +97,15 @@ def select_runs(
             ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(ids, filter_string)
         return None, [r for r in runs if r.data.tags.get("muonreg.role") != "sweep"]
-    root = client.get_run(parent) if parent else latest_sweep(client)
-    children_filter = f"tags.mlflow.parentRunId = '{root.info.run_id}'"
-    if filter_string:
-        children_filter += f" and {filter_string}"
-    return root, client.search_runs([root.info.experiment_id], filter_string=children_filter)
+    parents = [parent] if isinstance(parent, str) else list(parent or [])
+    roots = [client.get_run(p) for p in parents] or [latest_sweep(client)]
+    runs = []
+    for root in roots:
+        children_filter = f"tags.mlflow.parentRunId = '{root.info.run_id}'"
+        if filter_string:
+            children_filter += f" and {filter_string}"
+        runs += client.search_runs([root.info.experiment_id], filter_string=children_filter)
+    return roots[0], runs
 
 
 def varied(runs: list[Run]) -> list[str]:
@@ -248,7 +257,7 @@ def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
 
 def compare(
     tracking_uri: str | None = None,
-    parent: str | None = None,
+    parent: str | Sequence[str] | None = None,
     experiment: str | None = None,
     filter_string: str = "",
     out: str | Path | None = None,
@@ -277,7 +286,9 @@ def compare(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the project's mlflow.db")
-    parser.add_argument("--parent", help="the parent run id of a sweep (default: the latest sweep)")
+    parser.add_argument(
+        "--parent", nargs="+", help="parent run ids of one or more sweeps, pooled (default: the latest sweep)"
+    )
     parser.add_argument("--experiment", help="compare all runs of this experiment instead")
     parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"params.seed = '0'\"")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/compare-<parent>)")

@@ -100,3 +100,21 @@ def test_failed_runs_are_shown_as_failed(tmp_path):
     assert status == {str(good): "1 FINISHED", str(bad): "1 FAILED"}
     failed = next(r for r in rows if r["data.path"] == str(bad))
     assert math.isnan(failed["test/pt_resolution"])  # no numbers from a failed run, but the row is there
+
+
+def test_two_sweeps_of_one_study_pool_into_one_table(tmp_path):
+    """A study extended by a second sweep (another value, more seeds) compares as one."""
+    parents = []
+    for values in ("assignment_threshold=0.1 seed=0,1", "assignment_threshold=0.5 seed=0"):
+        cmd = command(tmp_path, tmp_path / "data", *values.split(), multirun=True)
+        subprocess.run(
+            cmd, cwd=Path(__file__).parents[1], env=ENV, check=True, capture_output=True, timeout=900
+        )
+        parents.append(latest_sweep(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")).info.run_id)
+    assert parents[0] != parents[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rows, _ = compare(tracking_uri=uri, parent=parents, out=tmp_path / "report")
+    assert [(r["assignment_threshold"], r["runs"], r["status"]) for r in rows] == [
+        ("0.1", 2, "2 FINISHED"),
+        ("0.5", 1, "1 FINISHED"),
+    ]
