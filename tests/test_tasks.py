@@ -347,6 +347,24 @@ def test_anchored_head_starts_at_the_fit_estimate():
     torch.testing.assert_close(out["track_regression"], task._anchor(fit).float())
 
 
+def test_the_pull_loss_measures_only_the_curvature_in_units_of_its_expected_error():
+    batch = _geometry_batch(seed=4)
+    assert "track_regression_scale" not in make_model(pooling=["fit"])(batch)
+    model = make_model(pooling=["fit"], pull_loss=0.25)
+    _fit(model, batch)
+    task = model.regression_task
+    out = model(batch)
+    weights, _ = task.assignment_weights(out["track_hit_logit"], batch["hit_valid"])
+    fit = task.fit(batch["hit_geometry"], weights * batch["hit_geometry_valid"].unsqueeze(1))
+    curvature = task.fields.index("truthMuon_pt")
+    scale = out["track_regression_scale"]
+    expected = task._correction_scale(fit)[..., curvature] / 0.25**0.5  # squared pulls weighted 0.25
+    torch.testing.assert_close(scale[..., curvature], expected.to(scale.dtype))
+    others = [i for i in range(len(task.fields)) if i != curvature]
+    assert (scale[..., others] == 1).all() and (scale[..., curvature] > 0).all()
+    assert torch.isfinite(model.loss(out, batch)["loss"])
+
+
 def test_local_coordinates_need_the_fit():
     with pytest.raises(ValueError, match="add `fit`"):
         WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, pooling=["mean"], local=True)
