@@ -10,20 +10,15 @@ that MLflow run and the report is logged back to it.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
-from muonreg.errors import exit_on_user_errors, root_cause
+from muonreg.errors import exit_on_user_errors
 from muonreg.evaluation.full import full_evaluation
-from muonreg.tracking.liveness import process_died
-from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
-from muonreg.training.checkpoint import load_checkpoint
+from muonreg.tracking.store import default_tracking_uri
+from muonreg.trained import checkpoint_file, read_checkpoint
 from muonreg.training.device import autocast_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
 
@@ -36,8 +31,7 @@ def evaluate_checkpoint(
     reference: bool = True,
 ) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint written by training; return (metrics, report directory)."""
-    state = load_checkpoint(checkpoint)
-    cfg = OmegaConf.create(state["metadata"]["config"])
+    state, cfg = read_checkpoint(checkpoint)
     data = build_data(cfg)
     model = build_model(cfg, data.features)
     model.load_state_dict(state["model"])
@@ -65,24 +59,6 @@ def evaluate_checkpoint(
     return metrics, report
 
 
-def finished_run(client: MlflowClient, run_id: str, uri: str) -> None:
-    """Check that `run_id` is a FINISHED run of the store: only those have a best checkpoint for sure."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise TrackingError(f"MLflow store {uri} holds no run {run_id!r} ({err.message})") from err
-    if run.info.status == "FINISHED":
-        return
-    status = "DEAD (RUNNING, but its process died)" if process_died(run) else run.info.status
-    run_dir = run.data.tags.get("muonreg.run_dir")
-    instead = (
-        f"evaluate its latest checkpoint with --checkpoint {run_dir}/checkpoints/last.pt"
-        if run_dir
-        else "finish it first (python train.py ... resume=auto)"
-    )
-    raise TrackingError(f"MLflow run {run_id} is {status}, not FINISHED; {instead}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.evaluate", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -107,19 +83,10 @@ def main(argv: list[str] | None = None) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     if args.run_id:
         uri = args.tracking_uri or default_tracking_uri()
-        finished_run(connect(uri), args.run_id, uri)
-        mlflow.set_tracking_uri(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = mlflow.artifacts.download_artifacts(
-                    run_id=args.run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
-                )
-            except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
-                raise TrackingError(
-                    f"MLflow run {args.run_id} has no checkpoints/best.pt artifact to evaluate ({root_cause(err)})"
-                ) from err
+        with checkpoint_file(None, args.run_id, uri) as path:
+            report_dir = args.out or path.parent.parent / "report"
             metrics, report = evaluate_checkpoint(
-                path, args.split, args.out or Path(tmp) / "report", args.device, not args.no_reference
+                path, args.split, report_dir, args.device, not args.no_reference
             )
             with mlflow.start_run(run_id=args.run_id):
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})

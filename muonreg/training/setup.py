@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,29 @@ def dataset_path(cfg: DictConfig, progress: bool = True) -> Path:
     return ensure_simulated(cfg.paths.data, **run, config=config, progress=progress)
 
 
+def hit_features(cfg: DictConfig, columns: Sequence[str], where: str) -> HitFeatures:
+    """The run's hit inputs over a dataset's stored `columns` (`where` names it in errors)."""
+    try:
+        return HitFeatures(
+            feature_names(cfg),
+            columns,
+            scales={**DEFAULT_SCALES, **OmegaConf.to_container(cfg.data.scales)},
+            missing_sentinels=list(cfg.data.missing_sentinels),
+        )
+    except ValueError as err:
+        raise ConfigError(f"data.features: {err} ({where})") from err
+
+
+def used_events(cfg: DictConfig, n_events: int) -> int:
+    """How many of a dataset's first events a run uses (data.max_events)."""
+    return n_events if cfg.data.max_events is None else min(n_events, int(cfg.data.max_events))
+
+
+def run_splits(cfg: DictConfig, n_events: int) -> dict[str, np.ndarray]:
+    """The train/val/test event indices a run uses of a dataset of `n_events` (data.split)."""
+    return split_indices(used_events(cfg, n_events), list(cfg.data.split))
+
+
 @dataclass
 class RunData:
     path: Path
@@ -69,17 +93,9 @@ def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
     path = dataset_path(cfg, progress=progress)
     targets = list(dict.fromkeys([*cfg.inverse_fields.targets, *EVAL_TARGETS]))
     reader = DatasetReader(path, required_track_features=[t for t in targets if t != QPT])
-    try:
-        features = HitFeatures(
-            feature_names(cfg),
-            reader.hit_features,
-            scales={**DEFAULT_SCALES, **OmegaConf.to_container(cfg.data.scales)},
-            missing_sentinels=list(cfg.data.missing_sentinels),
-        )
-    except ValueError as err:
-        raise ConfigError(f"data.features: {err} (dataset {path})") from err
-    n = len(reader) if cfg.data.max_events is None else min(len(reader), int(cfg.data.max_events))
-    splits = split_indices(n, list(cfg.data.split))
+    features = hit_features(cfg, reader.hit_features, f"dataset {path}")
+    splits = run_splits(cfg, len(reader))
+    n = used_events(cfg, len(reader))
     datasets = {
         name: MuonEventDataset(reader, features, targets, cfg.data.max_particles, indices=idx)
         for name, idx in splits.items()

@@ -1,0 +1,99 @@
+"""A trained model from a checkpoint or an MLflow run: what evaluate, predict, export and the MLflow
+model all load, so each tool finds runs, checks them and rebuilds the network the same way.
+
+The checkpoint carries the resolved config; the network is rebuilt from it and its weights (input
+standardisation and target normalisation are buffers, so they come with the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
+from muonreg.data.schema import HIT_FEATURES
+from muonreg.errors import UserError, root_cause
+from muonreg.models import MaskFormer
+from muonreg.tracking.liveness import process_died
+from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
+from muonreg.training.checkpoint import load_checkpoint
+from muonreg.training.setup import build_model, hit_features
+
+BEST = "checkpoints/best.pt"
+
+
+class CheckpointError(UserError, ValueError):
+    """A file given as a checkpoint is missing or is not one that training wrote."""
+
+
+def finished_run(client: MlflowClient, run_id: str, uri: str) -> None:
+    """Check that `run_id` is a FINISHED run of the store: only those have a best checkpoint for sure."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(f"MLflow store {uri} holds no run {run_id!r} ({err.message})") from err
+    if run.info.status == "FINISHED":
+        return
+    status = "DEAD (RUNNING, but its process died)" if process_died(run) else run.info.status
+    run_dir = run.data.tags.get("muonreg.run_dir")
+    instead = (
+        f"evaluate its latest checkpoint with --checkpoint {run_dir}/checkpoints/last.pt"
+        if run_dir
+        else "finish it first (python train.py ... resume=auto)"
+    )
+    raise TrackingError(f"MLflow run {run_id} is {status}, not FINISHED; {instead}")
+
+
+def download_best(run_id: str, uri: str, dst: str | Path) -> Path:
+    """The best checkpoint of a FINISHED run of the store at `uri`, downloaded into `dst`."""
+    finished_run(connect(uri), run_id, uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BEST, dst_path=str(dst)))
+    except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
+        raise TrackingError(f"MLflow run {run_id} has no {BEST} artifact to use ({root_cause(err)})") from err
+
+
+@contextlib.contextmanager
+def checkpoint_file(
+    checkpoint: str | Path | None, run_id: str | None, tracking_uri: str | None = None
+) -> Iterator[Path]:
+    """The checkpoint given, or the best one of an MLflow run (downloaded for the duration)."""
+    if run_id is None:
+        yield Path(checkpoint)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield download_best(run_id, tracking_uri or default_tracking_uri(), tmp)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
+    """(state, resolved config) of a checkpoint written by training; a one-line error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = load_checkpoint(path)
+        return state, OmegaConf.create(state["metadata"]["config"])
+    except Exception as err:  # a truncated file, another pickle, a checkpoint of something else
+        raise CheckpointError(
+            f"{path}: not a checkpoint written by muonreg training ({type(err).__name__}: {root_cause(err)})"
+        ) from err
+
+
+def load_model(path: str | Path, columns: Sequence[str] = HIT_FEATURES) -> tuple[MaskFormer, DictConfig]:
+    """The network of a checkpoint (eval mode, on the CPU) and its config.
+
+    `columns`: the stored hit columns of the data it will see (the feature list is checked against
+    them); the schema's by default, which is all a network that is not fed from a dataset needs.
+    """
+    state, cfg = read_checkpoint(path)
+    model = build_model(cfg, hit_features(cfg, columns, f"checkpoint {path}"))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
