@@ -1,6 +1,8 @@
-"""Running a model over a split: losses, matched predictions, per-muon records.
+"""Running a model over a split: losses, matched predictions, per-muon records; and plain
+per-query predictions without any truth (`infer`).
 
-Shared by training (validation every epoch, the final test) and `python -m muonreg.evaluate`.
+Shared by training (validation every epoch, the final test), `python -m muonreg.evaluate`,
+`python -m muonreg.predict` and the MLflow model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from muonreg.evaluation.metrics import TrackRecords, summarise
+from muonreg.evaluation.metrics import FIELDS, TrackRecords, summarise
 from muonreg.training.device import autocast, to_device
 
 
@@ -83,3 +85,34 @@ def evaluate(
         diagnostics.rows.update(records.rows)  # a task without hit pooling: the oracle is the network
     metrics.update({f"{prefix}/{k}": v for k, v in summarise(records).items()})
     return metrics, records
+
+
+def query_predictions(
+    model: nn.Module, outputs: dict[str, torch.Tensor], hit_valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """What a user of the network gets per event and query, in physical units, from its outputs:
+    `valid_probability` [b, n], `hit_probability` [b, n, m] (0 on padding) and `eta`, `phi`, `pt`,
+    `q` [b, n]. No matching: the queries in the network's own order."""
+    core = unwrap(model)
+    physical = core.regression_task.predict(outputs)
+    return {
+        "valid_probability": torch.sigmoid(outputs["track_valid_logit"]),
+        "hit_probability": torch.sigmoid(outputs["track_hit_logit"]) * hit_valid.unsqueeze(1),
+        **{f: physical[f"track_truthMuon_{f}"] for f in FIELDS},
+    }
+
+
+@torch.no_grad()
+def infer(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """`query_predictions` of a batch (on `device`, in the run's precision; outputs float32)."""
+    model.eval()
+    batch = to_device(batch, device)
+    with autocast(device, amp_dtype):
+        outputs = model(batch)
+    outputs = {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
+    return query_predictions(model, outputs, batch["hit_valid"])

@@ -1,0 +1,297 @@
+"""Run a trained tracker over a dataset and keep its predictions in HDF5:
+`python -m muonreg.predict (--run-id ID | --checkpoint PATH) --data DIR --out FILE.h5`.
+
+The file is readable with plain h5py (layout below, version 1). E events, Q queries (the model's
+`num_queries`), H = the sum of the events' hit counts. Queries are in the network's own order (no
+truth matching); a track is a query with `valid_probability` >= 0.5.
+
+    event_index        int64   [E]     the event's index in the dataset (row of event_file_indices.npy)
+    file_index, row    int32, int64 [E]  where it is stored: data file attrs["files"][file_index], row
+    event_number       int64   [E]     the file's event number
+    num_hits           int32   [E]     the event's hits (the stored hits[row, :num_hits])
+    hit_start          int64   [E]     event e's hits are rows hit_start[e] : hit_start[e] + num_hits[e]
+    hit_probability    float32 [H, Q]  probability that hit h belongs to query q, in the stored hit order
+    valid_probability  float32 [E, Q]  probability that the query holds a muon
+    eta, phi, pt, q    float32 [E, Q]  the network's track parameters (pT in GeV, q = +-1)
+    num_assigned       int32   [E, Q]  hits with probability >= attrs["hit_threshold"] (0.5 unless
+                                       --hit-threshold): the track's hits
+    fit/eta, fit/phi, fit/pt, fit/q, fit/chi2_ndf  float32 [E, Q]
+                                       least-squares fit (muonreg.reco.fit, outlier-rejecting unless
+                                       --plain-fit) of the assigned hits of each track with at least
+                                       4 of them; NaN where not fitted
+    fit/ok             bool    [E, Q]  the fit ran and converged
+
+File attributes: format, version, source (checkpoint or run), dataset, split, files, fields, config.
+
+Constant memory on any dataset: batches are read from the HDF5 files, predicted, fitted and appended
+to resizable datasets. The file is written under FILE.partial and renamed only when complete, so an
+interrupted run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from muonreg.data.dataset import MuonEventDataset, make_loader
+from muonreg.data.format import DatasetReader
+from muonreg.errors import UserError, exit_on_user_errors
+from muonreg.evaluation.assigned_fit import fit_assigned
+from muonreg.evaluation.inference import infer
+from muonreg.evaluation.metrics import FIELDS
+from muonreg.models import MaskFormer
+from muonreg.reco.fit import MIN_HITS
+from muonreg.trained import checkpoint_file, load_model
+from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.setup import dataset_path, hit_features, run_splits
+
+FORMAT, VERSION = "muonreg-predictions", 1
+SPLITS = ("test", "val", "train", "all")
+ASSIGNED = 0.5  # by default a hit belongs to a track at probability >= this (as in the evaluation)
+FIT_FIELDS = (*FIELDS, "chi2_ndf")
+CHUNK_EVENTS = 1024  # HDF5 chunk height of the per-event datasets
+
+
+class PredictionWriter:
+    """Appends batches of predictions to resizable HDF5 datasets (the layout in the module doc)."""
+
+    def __init__(self, path: Path, queries: int, attrs: dict):
+        self.file = h5py.File(path, "w")
+        self.file.attrs.update(attrs)
+        q = queries
+        specs = {
+            "event_index": (np.int64, ()),
+            "file_index": (np.int32, ()),
+            "row": (np.int64, ()),
+            "event_number": (np.int64, ()),
+            "num_hits": (np.int32, ()),
+            "hit_start": (np.int64, ()),
+            "hit_probability": (np.float32, (q,)),
+            "valid_probability": (np.float32, (q,)),
+            **{f: (np.float32, (q,)) for f in FIELDS},
+            "num_assigned": (np.int32, (q,)),
+            **{f"fit/{f}": (np.float32, (q,)) for f in FIT_FIELDS},
+            "fit/ok": (np.bool_, (q,)),
+        }
+        for name, (dtype, tail) in specs.items():
+            chunk = 16 * CHUNK_EVENTS if name == "hit_probability" else CHUNK_EVENTS
+            self.file.create_dataset(
+                name,
+                shape=(0, *tail),
+                maxshape=(None, *tail),
+                dtype=dtype,
+                chunks=(chunk, *tail),
+                compression="gzip",
+                compression_opts=1,
+            )
+        self.events = self.hits = 0
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        n, h = len(columns["event_index"]), len(columns["hit_probability"])
+        columns = {**columns, "hit_start": self.hits + np.cumsum(columns["num_hits"]) - columns["num_hits"]}
+        for name, values in columns.items():
+            ds = self.file[name]
+            start = self.hits if name == "hit_probability" else self.events
+            ds.resize(start + len(values), axis=0)
+            ds[start:] = values
+        self.events += n
+        self.hits += h
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def batch_columns(
+    preds: dict[str, torch.Tensor],
+    reader: DatasetReader,
+    indices: np.ndarray,
+    fit: str | None,
+    hit_threshold: float = ASSIGNED,
+) -> dict[str, np.ndarray]:
+    """One batch's rows of the file: predictions, where each event is stored, the fits."""
+    p = {k: v.cpu().numpy() for k, v in preds.items()}
+    events = [reader.read(int(i)) for i in indices]
+    num_hits = np.array([len(e.hits) for e in events], dtype=np.int32)
+    hit_probability = np.concatenate(
+        [p["hit_probability"][b, :, :n].T for b, n in enumerate(num_hits)]
+    ).astype(np.float32)
+    assigned = p["hit_probability"] >= hit_threshold  # [b, q, m]; padding is 0
+    located = np.array([reader.locate(int(i)) for i in indices], dtype=np.int64).reshape(-1, 2)
+    out = {
+        "event_index": indices.astype(np.int64),
+        "file_index": located[:, 0].astype(np.int32),
+        "row": located[:, 1],
+        "event_number": np.array([e.event_number for e in events], dtype=np.int64),
+        "num_hits": num_hits,
+        "hit_probability": hit_probability,
+        "valid_probability": p["valid_probability"],
+        **{f: p[f] for f in FIELDS},
+        "num_assigned": assigned.sum(-1).astype(np.int32),
+    }
+    out.update(_fits(events, assigned, p["valid_probability"], reader.hit_index, fit))
+    return out
+
+
+def _fits(
+    events: list, assigned: np.ndarray, valid: np.ndarray, index: dict[str, int], fit: str | None
+) -> dict[str, np.ndarray]:
+    """fit/* columns: the least-squares fit of each predicted track's assigned hits."""
+    shape = valid.shape
+    out = {f"fit/{f}": np.full(shape, np.nan, np.float32) for f in FIT_FIELDS}
+    out["fit/ok"] = np.zeros(shape, bool)
+    if fit is None:
+        return out
+    tracks = [
+        (b, q) for b, q in zip(*np.nonzero(valid >= 0.5), strict=True) if assigned[b, q].sum() >= MIN_HITS
+    ]
+    if not tracks:
+        return out
+    fitted = fit_assigned(
+        [events[b].hits for b, _ in tracks],
+        [assigned[b, q, : len(events[b].hits)] for b, q in tracks],
+        index,
+        robust=fit == "robust",
+    )
+    rows, cols = np.array(tracks).T
+    ok = fitted["ok"].astype(bool)
+    out["fit/ok"][rows, cols] = ok
+    for f in FIT_FIELDS:
+        out[f"fit/{f}"][rows, cols] = np.where(ok, fitted[f], np.nan)
+    return out
+
+
+def predict(
+    model: MaskFormer,
+    cfg: DictConfig,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int = 128,
+    device: str = "auto",
+    fit: str | None = "robust",
+    hit_threshold: float = ASSIGNED,
+    source: str = "",
+    progress: bool = True,
+) -> int:
+    """Write the predictions of `model` (config `cfg`) on a split of the dataset `data` to `out`
+    (layout in the module doc); return the number of events. `fit`: "robust", "plain" or None."""
+    out = Path(out)
+    reader = DatasetReader(data, required_track_features=())
+    indices = np.arange(len(reader)) if split == "all" else run_splits(cfg, len(reader))[split]
+    features = hit_features(cfg, reader.hit_features, f"dataset {reader.path}")
+    dataset = MuonEventDataset(reader, features, [], int(cfg.data.max_particles), indices=indices)
+    dev = resolve_device(device)
+    model.to(dev)
+    amp = autocast_dtype(dev, cfg.trainer.precision)
+    loader = make_loader(dataset, batch_size, shuffle=False, bucket_by_hits=False)
+    attrs = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source,
+        "dataset": str(Path(data).resolve()),
+        "split": split,
+        "files": [str(f.relative_to(reader.path)) for f in reader.files],
+        "fields": list(FIELDS),
+        "hit_threshold": hit_threshold,
+        "fit": fit or "none",
+        "config": OmegaConf.to_yaml(cfg),
+    }
+    with _atomic(out) as partial:
+        writer = PredictionWriter(partial, model.num_queries, attrs)
+        try:
+            done = 0
+            with tqdm(total=len(dataset), desc="predicting", unit="ev", disable=not progress) as bar:
+                for batch in loader:
+                    preds = infer(model, batch, dev, amp)
+                    writer.append(
+                        batch_columns(preds, reader, batch["event_index"].numpy(), fit, hit_threshold)
+                    )
+                    done += len(batch["event_index"])
+                    bar.update(len(batch["event_index"]))
+        finally:
+            writer.close()
+    return done
+
+
+@contextlib.contextmanager
+def _atomic(out: Path) -> Iterator[Path]:
+    """A temporary path renamed to `out` once the block completes; removed if it does not."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
+        partial.touch()
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the predictions there ({err.strerror or err})") from err
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m muonreg.predict", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint written by training (best.pt)")
+    source.add_argument("--run-id", help="an MLflow run whose best checkpoint to use")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project's)"
+    )
+    parser.add_argument("--data", type=Path, help="dataset directory (default: the one the run trained on)")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="the run's split of it, or all events"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--hit-threshold", type=float, default=ASSIGNED, help="probability from which a hit is a track's"
+    )
+    fit = parser.add_mutually_exclusive_group()
+    fit.add_argument(
+        "--plain-fit", action="store_true", help="fit the assigned hits without outlier rejection"
+    )
+    fit.add_argument("--no-fit", action="store_true", help="no least-squares fit (fit/* stay NaN)")
+    args = parser.parse_args(argv)
+    with exit_on_user_errors():
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size={args.batch_size} must be at least 1")
+        if not 0 < args.hit_threshold <= 1:
+            raise UserError(f"--hit-threshold={args.hit_threshold} must be in (0, 1]")
+        with checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri) as path:
+            model, cfg = load_model(path)
+            data = args.data or dataset_path(cfg)
+            start = time.perf_counter()
+            n = predict(
+                model,
+                cfg,
+                data,
+                args.out,
+                split=args.split,
+                batch_size=args.batch_size,
+                device=args.device,
+                fit=None if args.no_fit else "plain" if args.plain_fit else "robust",
+                hit_threshold=args.hit_threshold,
+                source=f"run {args.run_id}" if args.run_id else str(args.checkpoint.resolve()),
+            )
+        elapsed = time.perf_counter() - start
+        print(
+            f"{n} events of {data} ({args.split}) -> {args.out} in {elapsed:.1f} s ({n / elapsed:.0f} events/s)"
+        )
+
+
+if __name__ == "__main__":
+    main()

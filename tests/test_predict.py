@@ -1,0 +1,132 @@
+"""`python -m muonreg.predict` on a real smoke-trained run: the file, read back with plain h5py, holds
+exactly what the model predicts in memory on the same events, and the fits of its assigned hits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from test_train_e2e import ENV, ROOT, run_train, runs
+from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
+
+from muonreg.data.dataset import MuonEventDataset, collate
+from muonreg.data.format import DatasetReader
+from muonreg.evaluation.inference import infer
+from muonreg.reco.fit import fit_tracks
+from muonreg.trained import load_model
+from muonreg.training.setup import dataset_path, hit_features, run_splits
+
+pytestmark = pytest.mark.slow
+FIELDS = ("eta", "phi", "pt", "q")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> tuple[Path, Path, str]:
+    """(root, best checkpoint, MLflow run id) of one smoke run."""
+    root = tmp_path_factory.mktemp("trained")
+    run_train(root, data_dir)
+    (run,) = runs(root)
+    (best,) = root.glob("outputs/**/checkpoints/best.pt")
+    return root, best, run.info.run_id
+
+
+def predict(*args: str, root: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"} if root else ENV
+    return subprocess.run(
+        [sys.executable, "-m", "muonreg.predict", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_predictions_read_back_with_h5py_equal_the_models_in_memory(trained, tmp_path):
+    _, best, _ = trained
+    out = tmp_path / "pred.h5"
+    # batches of 5: several appends; a low hit threshold so that the smoke model's tracks get hits to fit
+    result = predict(
+        "--checkpoint", str(best), "--split", "val", "--out", str(out), "--batch-size", "5",
+        "--hit-threshold", "0.3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file() and not out.with_name("pred.h5.partial").exists()
+
+    model, cfg = load_model(best)
+    data = dataset_path(cfg)
+    reader = DatasetReader(data)
+    val = run_splits(cfg, len(reader))["val"]
+    with h5py.File(out) as f:
+        got = {k: f[k][:] for k in f if isinstance(f[k], h5py.Dataset)}
+        got.update({f"fit/{k}": f["fit"][k][:] for k in f["fit"]})
+        attrs = dict(f.attrs)
+    assert attrs["format"] == "muonreg-predictions" and attrs["split"] == "val"
+    np.testing.assert_array_equal(got["event_index"], val)
+    n, q = len(val), model.num_queries
+    assert got["valid_probability"].shape == (n, q) and got["hit_probability"].shape == (
+        got["num_hits"].sum(),
+        q,
+    )
+    np.testing.assert_array_equal(got["hit_start"], np.cumsum(got["num_hits"]) - got["num_hits"])
+
+    # the same events, in the same batches, through the model in memory
+    dataset = MuonEventDataset(reader, hit_features(cfg, reader.hit_features, ""), [], 2, indices=val)
+    for start in range(0, n, 5):
+        items = [dataset[i] for i in range(start, min(start + 5, n))]
+        preds = {k: v.numpy() for k, v in infer(model, collate(items), torch.device("cpu")).items()}
+        for k in ("valid_probability", *FIELDS):
+            np.testing.assert_array_equal(got[k][start : start + len(items)], preds[k], err_msg=k)
+        for b, e in enumerate(range(start, start + len(items))):
+            h0, nh = got["hit_start"][e], got["num_hits"][e]
+            np.testing.assert_array_equal(
+                got["hit_probability"][h0 : h0 + nh], preds["hit_probability"][b, :, :nh].T
+            )
+
+    # each event maps back to its stored row; the fits are those of the hits the file calls assigned
+    files = [Path(attrs["dataset"]) / name for name in attrs["files"]]
+    fitted = 0
+    for e in range(n):
+        with h5py.File(files[got["file_index"][e]]) as f:
+            hits = f["hits"][got["row"][e], : got["num_hits"][e]]
+        np.testing.assert_array_equal(hits, reader.read(int(val[e])).hits)
+        h0, nh = got["hit_start"][e], got["num_hits"][e]
+        for j in range(q):
+            assigned = got["hit_probability"][h0 : h0 + nh, j] >= 0.3
+            assert got["num_assigned"][e, j] == assigned.sum()
+            if got["fit/ok"][e, j]:
+                ref = fit_tracks([hits[assigned]], reader.hit_index, robust=True)
+                for k in (*FIELDS, "chi2_ndf"):
+                    np.testing.assert_allclose(got[f"fit/{k}"][e, j], ref[k][0], rtol=1e-5, err_msg=k)
+                fitted += 1
+            else:
+                assert np.isnan(got["fit/pt"][e, j])
+    assert fitted > 0
+
+
+def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
+    root, best, run_id = trained
+    out = tmp_path / "sub" / "test.h5"
+    result = predict("--run-id", run_id, "--out", str(out), "--no-fit", root=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with h5py.File(out) as f:
+        assert f.attrs["source"] == f"run {run_id}" and len(f["event_index"]) > 0
+        assert not f["fit/ok"][:].any()
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for args, expected in [
+        (["--checkpoint", str(bad)], f"error: {bad}: not a checkpoint written by muonreg training"),
+        (["--checkpoint", str(tmp_path / "none.pt")], f"error: {tmp_path / 'none.pt'}: no such checkpoint"),
+        (["--checkpoint", str(best), "--data", str(tmp_path)], f"error: {tmp_path}: missing"),
+        (["--run-id", "0" * 32], "error: MLflow store"),
+    ]:
+        result = predict(*args, "--out", str(tmp_path / "x.h5"), root=root)
+        assert result.returncode == 1 and result.stderr.startswith(expected), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not list(tmp_path.glob("x.h5*"))
