@@ -37,7 +37,9 @@ def attendable(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """
     keys = key_valid.unsqueeze(1)  # [b, 1, k]
     keys = keys | ~keys.any(-1, keepdim=True)
-    return torch.where(mask.any(-1, keepdim=True), mask, keys)
+    # mask where the row allows a key, else keys: boolean algebra rather than a `where` on booleans,
+    # which ONNX Runtime does not implement (muonreg.export)
+    return mask | (keys & ~mask.any(-1, keepdim=True))
 
 
 # CUDA's fused attention kernels (memory-efficient, cuDNN, flash) take 16-bit head dims that are multiples of 8.

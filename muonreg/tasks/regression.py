@@ -39,6 +39,7 @@ class TargetSpace(nn.Module):
     def __init__(self, fields: Sequence[str], inverse_fields: Sequence[str] = ()):
         super().__init__()
         self.fields = list(fields)
+        self.inverse_fields = [f for f in self.fields if f in inverse_fields]  # Python-side, for tracing
         unknown = [f for f in inverse_fields if f not in self.fields]
         if unknown:
             raise ValueError(

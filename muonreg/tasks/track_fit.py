@@ -37,6 +37,7 @@ from muonreg import detector as det
 from muonreg.data.geometry import G
 from muonreg.numerics import safe_inverse, safe_unit, weighted_average
 from muonreg.reco.energy_loss import TABLE as ENERGY_LOSS_TABLE
+from muonreg.tasks import portable
 
 WIRE_SIGMA = det.TUBE_RADIUS / math.sqrt(3) * 1e-3  # m: a tube as its wire, the track anywhere inside
 MDT_PHI_WEIGHT = 1e-3  # tubes only give the sector's direction: they count for phi only without strips
@@ -109,7 +110,7 @@ class TrackFit(nn.Module):
                 )
                 across = col["sin_phi"] * cos_phi - col["cos_phi"] * sin_phi
                 along = col["cos_phi"] * cos_phi + col["sin_phi"] * sin_phi
-                near = torch.exp(-0.5 * (torch.atan2(across, along) / PHI_WINDOW) ** 2)
+                near = torch.exp(-0.5 * (portable.atan2(across, along) / PHI_WINDOW) ** 2)
                 phi_weight = phi_weight * torch.where(mdt > 0, 1.0, near)
             side = torch.where(weighted_average(w, col["z"]) >= 0, 1.0, -1.0).to(w)
             # 2. hits in the track plane (folded to z > 0); hits of other sectors are not this track's
@@ -117,7 +118,7 @@ class TrackFit(nn.Module):
             in_sector = cos_dphi > OUT_OF_SECTOR
             rho = col["normal"] / cos_dphi.clamp(min=OUT_OF_SECTOR)
             z = col["z"] * side
-            lam0 = torch.atan2(weighted_average(w, z), weighted_average(w, rho)).clamp(0.0, math.pi / 2)
+            lam0 = portable.atan2(weighted_average(w, z), weighted_average(w, rho)).clamp(0.0, math.pi / 2)
             cos0, sin0 = torch.cos(lam0), torch.sin(lam0)
             t = rho * cos0 + z * sin0
             u = -rho * sin0 + z * cos0
@@ -153,25 +154,25 @@ class TrackFit(nn.Module):
             weight = w * robust / total_sigma.square()
             normal = torch.einsum("bnm,bnmi,bnmj->bnij", weight, basis, basis) + torch.diag(self.prior)
             rhs = torch.einsum("bnm,bnmi,bnm->bni", weight, basis, target)
-            params = torch.linalg.solve(normal, rhs)
+            params = portable.solve(normal, rhs)
         line = params[..., 0:1] + params[..., 1:2] * (t - t_mean)  # the track without its bending
         residual = (target - (basis * params.unsqueeze(2)).sum(-1)) / total_sigma
         used = (w * robust).sum(-1)
         chi2 = (w * robust * residual.square()).sum(-1)
-        covariance = torch.linalg.inv(normal)
+        covariance = portable.inverse(normal)
         a, b, c = params.unbind(-1)
         side, lam0, cos_phi, sin_phi, t_mean, d_mean = (
             x.squeeze(-1) for x in (side, lam0, cos_phi, sin_phi, t_mean, d_mean)
         )
         qp = c * side
         # direction where the track leaves the calorimeter: the field is still zero there
-        lam_exit = lam0 + torch.atan(b)
-        eta = torch.asinh(torch.tan(lam_exit.clamp(-STEEPEST, STEEPEST))) * side
+        lam_exit = lam0 + portable.atan(b)
+        eta = portable.asinh(portable.tan(lam_exit.clamp(-STEEPEST, STEEPEST))) * side
         p_ms = safe_inverse(qp.abs())
         loss = _interpolate(self.energy_loss, eta.abs(), torch.log(p_ms), self.eta_range, self.log_p_range)
-        qpt = torch.where(qp >= 0, 1.0, -1.0).to(qp) * torch.cosh(eta) * safe_inverse(p_ms + loss)
+        qpt = torch.where(qp >= 0, 1.0, -1.0).to(qp) * portable.cosh(eta) * safe_inverse(p_ms + loss)
         return {
-            "phi": torch.atan2(sin_phi, cos_phi) + det.SOLENOID_PHI_KICK * qpt,
+            "phi": portable.atan2(sin_phi, cos_phi) + det.SOLENOID_PHI_KICK * qpt,
             "qp": qp,
             "qp_sigma": covariance[..., 2, 2].sqrt(),
             "eta": eta,
@@ -187,6 +188,7 @@ class TrackFit(nn.Module):
             # each hit in each track's frame, on scales of order one: along the line (5 m), across it
             # (asinh of cm: millimetres to metres), and its pull to the fitted track (asinh)
             "local": torch.stack(
-                [(t - t_mean.unsqueeze(-1)) / 5, torch.asinh((u - line) / 0.01), torch.asinh(residual)], -1
+                [(t - t_mean.unsqueeze(-1)) / 5, portable.asinh((u - line) / 0.01), portable.asinh(residual)],
+                -1,
             ),
         }

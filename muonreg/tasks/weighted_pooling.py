@@ -35,6 +35,7 @@ from muonreg import detector as det
 from muonreg.data.geometry import STATION_GROUPS, G
 from muonreg.models.layers import full_precision, mlp
 from muonreg.numerics import WEIGHT_FLOOR, safe_inverse
+from muonreg.tasks import portable
 from muonreg.tasks.pooling import POOLING
 from muonreg.tasks.regression import RegressionTask
 from muonreg.tasks.track_fit import TrackFit
@@ -245,7 +246,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         q/pT from the fit's covariance and the loss's spread; the angles from the nominal precision of
         the spectrometer and the calorimeter's scattering (the linearised covariance of a direction is
         not trusted to scale a correction)."""
-        cosh, p = torch.cosh(fit["eta"]), fit["p"]
+        cosh, p = portable.cosh(fit["eta"]), fit["p"]
         sigma_qpt = cosh * torch.sqrt(fit["qp_sigma"] ** 2 + (det.ENERGY_LOSS_SPREAD / p**2) ** 2)
         sigma_angle = torch.sqrt(ANGLE_MEASUREMENT**2 + (det.CALO_SCATTERING / p) ** 2)
         sigma = {
@@ -256,7 +257,8 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         }
         columns = []
         for i, field in enumerate(self.fields):
-            inverted_pt = field == "truthMuon_pt" and bool(self.space.inverse[i])
+            # the Python list, not the buffer: no data-dependent branch (torch.export, ONNX)
+            inverted_pt = field == "truthMuon_pt" and field in self.space.inverse_fields
             scale = sigma_qpt if inverted_pt else sigma.get(field)  # an inverted pT's internal space is 1/pT
             columns.append(
                 torch.ones_like(p) if scale is None else (scale / self.space.std[i]).clamp(*SCALE_RANGE)
