@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data train sweep ablation compare predict ui test test-fast lint bench clean
+.PHONY: install data train sweep ablation compare predict export ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ compare: install  # table and plots of the latest sweep, from MLflow
 
 predict: install  # e.g. make predict ARGS="--run-id ID --out pred.h5" (python -m muonreg.predict --help)
 	$(PY) -m muonreg.predict $(ARGS)
+
+export: install  # e.g. make export ARGS="--run-id ID --out model.onnx" (python -m muonreg.export --help)
+	$(PY) -m muonreg.export $(ARGS)
 
 ui: install  # MLflow UI on the project database: http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
