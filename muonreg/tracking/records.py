@@ -1,6 +1,7 @@
 """What a training run writes to MLflow, as plain records: applied to a store, or kept in a file.
 
-A record is a JSON-able dict with an "op": metrics, params, tags, text, artifacts or status. The
+A record is a JSON-able dict with an "op": metrics, params, tags, text, artifacts, register (a
+model version from a logged model) or status. The
 sink keeps every record in a RecordBuffer, a JSONL file in the run directory whose first line
 names the run and the store, until the store has it; what a killed process or a store that never
 came back left there, the next process of the run or `python -m muonreg.tracking.replay FILE`
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 
@@ -56,10 +58,23 @@ def apply(client: MlflowClient, run_id: str, record: Record) -> None:
             client.log_artifacts(run_id, str(local), record["path"])
         else:
             client.log_artifact(run_id, str(local), record["path"])
+    elif op == "register":
+        register(client, run_id, record["path"], record["name"])
     elif op == "status":
         client.set_terminated(run_id, record["status"])
     else:
         raise ValueError(f"unknown tracking record {op!r}")
+
+
+def register(client: MlflowClient, run_id: str, path: str, name: str) -> None:
+    """A new version of registered model `name` (created if new) from the run's artifact `path`."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"
+    client.create_model_version(name, source, run_id=run_id)
 
 
 class Watermarks:
@@ -163,5 +178,6 @@ def describe(records: list[Record]) -> str:
             "artifacts "
             + ", ".join(r["path"] or Path(r["local"]).name for r in records if r["op"] == "artifacts")
         )
+    parts += [f"the model registration as {r['name']}" for r in records if r["op"] == "register"]
     parts += [f"the run status {r['status']}" for r in records if r["op"] == "status"]
     return "; ".join(parts)

@@ -94,6 +94,10 @@ class TrackingSink:
         """A file or a directory; it must stay in place until written (the run directory does)."""
         self._put({"op": "artifacts", "local": str(local), "path": path})
 
+    def register_model(self, path: str, name: str) -> None:
+        """Register the run's model artifact `path` under `name`, once the records before it are in."""
+        self._put({"op": "register", "path": path, "name": name})
+
     def close(self, status: str) -> bool:
         """End the run with `status` once the writer is through; True if the store got everything."""
         self._put({"op": "status", "status": status})

@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from muonreg.training.interrupts import Interrupts
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
 from muonreg.training.rundir import RunDir, find_resumable, resume_target
-from muonreg.training.setup import build_data, build_loaders, build_model, fit_normalizations
+from muonreg.training.setup import RunData, build_data, build_loaders, build_model, fit_normalizations
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +287,31 @@ def _train_and_test(
             f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else "",
         )
     if sink is not None:
-        _log_artifacts(cfg, out, best_path, sink)
+        _log_artifacts(cfg, out, best_path, sink, data)
     return best
 
 
-def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink) -> None:
+def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink, data: RunData) -> None:
     for name in (".hydra", "evaluation"):
         if (out / name).is_dir():
             sink.log_artifacts(out / name, name)
     if cfg.tracking.log_checkpoint and best_path.is_file():
         sink.log_artifacts(best_path, "checkpoints")
+    if cfg.tracking.get("log_model", False) and best_path.is_file():
+        _log_model(cfg, out, best_path, sink, data)
+
+
+def _log_model(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink, data: RunData) -> None:
+    """The best network as an MLflow model (tracking/model.py), registered if tracking.register_as."""
+    from muonreg.tracking.model import ARTIFACT, save_tracker, stored_events
+
+    start = time.perf_counter()
+    model_dir = out / "mlflow-model"
+    shutil.rmtree(model_dir, ignore_errors=True)  # a resumed run that died while writing it
+    split = data.datasets["test"] if len(data.datasets["test"]) else data.datasets["val"]
+    example = stored_events(split.reader, split.indices[:2])
+    save_tracker(best_path, data.features.columns, model_dir, example)
+    sink.log_artifacts(model_dir, ARTIFACT)
+    if cfg.tracking.get("register_as"):
+        sink.register_model(ARTIFACT, str(cfg.tracking.register_as))
+    log.info("MLflow model %s written in %.1f s", model_dir, time.perf_counter() - start)

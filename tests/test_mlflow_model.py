@@ -1,0 +1,51 @@
+"""Every run logs its best network as an MLflow model: loaded back from a real smoke run (by run and
+from the registry), it predicts on stored events exactly what the checkpoint predicts."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from test_train_e2e import client, run_train, runs
+from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
+
+from muonreg.data.dataset import MuonEventDataset, collate
+from muonreg.data.format import DatasetReader
+from muonreg.evaluation.inference import infer
+from muonreg.tracking.model import OUTPUTS, stored_events
+from muonreg.trained import load_model
+from muonreg.training.setup import dataset_path, hit_features, run_splits
+
+pytestmark = pytest.mark.slow
+
+
+def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(tmp_path, data_dir):
+    run_train(tmp_path, data_dir, "tracking.register_as=muon-tracker")
+    (run,) = runs(tmp_path)
+    run_id = run.info.run_id
+    (best,) = tmp_path.glob("outputs/**/checkpoints/best.pt")
+    logged = {a.path for a in client(tmp_path).list_artifacts(run_id, "model")}
+    assert {"model/MLmodel", "model/artifacts", "model/requirements.txt"} <= logged
+    (weights,) = client(tmp_path).list_artifacts(run_id, "model/artifacts")
+    assert weights.file_size < 2_000_000  # weights and config only: no optimiser state
+
+    model, cfg = load_model(best)
+    reader = DatasetReader(dataset_path(cfg))
+    test = run_splits(cfg, len(reader))["test"][:7]
+    batch = stored_events(reader, test)  # as stored: NaN-padded hits and their counts
+    dataset = MuonEventDataset(reader, hit_features(cfg, reader.hit_features, ""), [], 2, indices=test)
+    expected = {
+        k: v.numpy()
+        for k, v in infer(model, collate([dataset[i] for i in range(len(test))]), torch.device("cpu")).items()
+    }
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for uri in (f"runs:/{run_id}/model", "models:/muon-tracker/1"):
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        got = pyfunc.predict(batch)
+        assert set(got) == set(OUTPUTS)
+        for key in OUTPUTS:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{uri} {key}")
+    assert pyfunc.metadata.signature.inputs.input_names() == ["hits", "num_hits"]
+    assert pyfunc.metadata.saved_input_example_info is not None
