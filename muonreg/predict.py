@@ -60,6 +60,8 @@ SPLITS = ("test", "val", "train", "all")
 ASSIGNED = 0.5  # by default a hit belongs to a track at probability >= this (as in the evaluation)
 FIT_FIELDS = (*FIELDS, "chi2_ndf")
 CHUNK_EVENTS = 1024  # HDF5 chunk height of the per-event datasets
+FIT_TRACKS = 2000  # tracks fitted together (reco.fit.fit_tracks's own batch)
+MAX_PENDING_BATCHES = 32  # and batches held at most while tracks gather (bounded memory)
 
 
 class PredictionWriter:
@@ -111,63 +113,75 @@ class PredictionWriter:
         self.file.close()
 
 
+Track = tuple[int, int, np.ndarray, np.ndarray]  # (event in batch, query, event's stored hits, assigned)
+
+
 def batch_columns(
     preds: dict[str, torch.Tensor],
     reader: DatasetReader,
     indices: np.ndarray,
-    fit: str | None,
     hit_threshold: float = ASSIGNED,
-) -> dict[str, np.ndarray]:
-    """One batch's rows of the file: predictions, where each event is stored, the fits."""
+) -> tuple[dict[str, np.ndarray], list[Track]]:
+    """One batch's rows of the file (fit/* still empty) and the tracks whose assigned hits to fit:
+    predicted valid, with at least MIN_HITS assigned hits."""
     p = {k: v.cpu().numpy() for k, v in preds.items()}
     events = [reader.read(int(i)) for i in indices]
     num_hits = np.array([len(e.hits) for e in events], dtype=np.int32)
-    hit_probability = np.concatenate(
-        [p["hit_probability"][b, :, :n].T for b, n in enumerate(num_hits)]
-    ).astype(np.float32)
+    hit_probability = np.concatenate([p["hit_probability"][b, :, :n].T for b, n in enumerate(num_hits)])
     assigned = p["hit_probability"] >= hit_threshold  # [b, q, m]; padding is 0
     located = np.array([reader.locate(int(i)) for i in indices], dtype=np.int64).reshape(-1, 2)
-    out = {
+    shape = p["valid_probability"].shape
+    columns = {
         "event_index": indices.astype(np.int64),
         "file_index": located[:, 0].astype(np.int32),
         "row": located[:, 1],
         "event_number": np.array([e.event_number for e in events], dtype=np.int64),
         "num_hits": num_hits,
-        "hit_probability": hit_probability,
+        "hit_probability": hit_probability.astype(np.float32),
         "valid_probability": p["valid_probability"],
         **{f: p[f] for f in FIELDS},
         "num_assigned": assigned.sum(-1).astype(np.int32),
+        **{f"fit/{f}": np.full(shape, np.nan, np.float32) for f in FIT_FIELDS},
+        "fit/ok": np.zeros(shape, bool),
     }
-    out.update(_fits(events, assigned, p["valid_probability"], reader.hit_index, fit))
-    return out
-
-
-def _fits(
-    events: list, assigned: np.ndarray, valid: np.ndarray, index: dict[str, int], fit: str | None
-) -> dict[str, np.ndarray]:
-    """fit/* columns: the least-squares fit of each predicted track's assigned hits."""
-    shape = valid.shape
-    out = {f"fit/{f}": np.full(shape, np.nan, np.float32) for f in FIT_FIELDS}
-    out["fit/ok"] = np.zeros(shape, bool)
-    if fit is None:
-        return out
     tracks = [
-        (b, q) for b, q in zip(*np.nonzero(valid >= 0.5), strict=True) if assigned[b, q].sum() >= MIN_HITS
+        (b, q, events[b].hits, assigned[b, q, : num_hits[b]])
+        for b, q in zip(*np.nonzero(p["valid_probability"] >= 0.5), strict=True)
+        if assigned[b, q].sum() >= MIN_HITS
     ]
-    if not tracks:
-        return out
-    fitted = fit_assigned(
-        [events[b].hits for b, _ in tracks],
-        [assigned[b, q, : len(events[b].hits)] for b, q in tracks],
-        index,
-        robust=fit == "robust",
-    )
-    rows, cols = np.array(tracks).T
-    ok = fitted["ok"].astype(bool)
-    out["fit/ok"][rows, cols] = ok
-    for f in FIT_FIELDS:
-        out[f"fit/{f}"][rows, cols] = np.where(ok, fitted[f], np.nan)
-    return out
+    return columns, tracks
+
+
+class FittingWriter:
+    """Holds batches until FIT_TRACKS tracks wait (the fit is vectorised over tracks: one call on
+    2000 tracks costs little more than on 5), fits their assigned hits, then writes the batches."""
+
+    def __init__(self, writer: PredictionWriter, index: dict[str, int], fit: str | None):
+        self.writer, self.index, self.fit = writer, index, fit
+        self.pending: list[tuple[dict[str, np.ndarray], list[Track]]] = []
+        self.waiting = 0
+
+    def append(self, columns: dict[str, np.ndarray], tracks: list[Track]) -> None:
+        self.pending.append((columns, tracks if self.fit else []))
+        self.waiting += len(self.pending[-1][1])
+        if self.waiting >= FIT_TRACKS or len(self.pending) >= MAX_PENDING_BATCHES:
+            self.flush()
+
+    def flush(self) -> None:
+        tracks = [(k, t) for k, (_, batch) in enumerate(self.pending) for t in batch]
+        if tracks:
+            fitted = fit_assigned(
+                [t[2] for _, t in tracks], [t[3] for _, t in tracks], self.index, robust=self.fit == "robust"
+            )
+            ok = fitted["ok"].astype(bool)
+            for i, (k, (b, q, _, _)) in enumerate(tracks):
+                columns = self.pending[k][0]
+                columns["fit/ok"][b, q] = ok[i]
+                for f in FIT_FIELDS:
+                    columns[f"fit/{f}"][b, q] = fitted[f][i] if ok[i] else np.nan
+        for columns, _ in self.pending:
+            self.writer.append(columns)
+        self.pending, self.waiting = [], 0
 
 
 def predict(
@@ -212,13 +226,13 @@ def predict(
         try:
             done = 0
             with tqdm(total=len(dataset), desc="predicting", unit="ev", disable=not progress) as bar:
+                fitting = FittingWriter(writer, reader.hit_index, fit)
                 for batch in loader:
                     preds = infer(model, batch, dev, amp)
-                    writer.append(
-                        batch_columns(preds, reader, batch["event_index"].numpy(), fit, hit_threshold)
-                    )
+                    fitting.append(*batch_columns(preds, reader, batch["event_index"].numpy(), hit_threshold))
                     done += len(batch["event_index"])
                     bar.update(len(batch["event_index"]))
+                fitting.flush()
         finally:
             writer.close()
     return done
