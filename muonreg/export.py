@@ -146,7 +146,7 @@ def check_batches(cfg: DictConfig, data: str | Path, size: int = 64) -> list[tup
     ]
 
 
-def _session(path: Path, threads: int = 1):
+def ort_session(path: Path, threads: int = 1):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -180,7 +180,7 @@ def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) 
     tracks (event, query) with any output beyond tolerance. The event cut to 1 hit is reported but
     not judged: a track of one drift circle has no side, so float32 rounding may pick either (it
     must run and be finite). ExportError when more than CHECK_OUTLIERS of the judged tracks differ."""
-    session, wrapper = _session(path), OnnxTracker(model)
+    session, wrapper = ort_session(path), OnnxTracker(model)
     report: dict = {"batches": {}, "seconds": {"torch": 0.0, "onnxruntime": 0.0}, "events": 0}
     tracks = beyond = 0
     for what, batch in batches:

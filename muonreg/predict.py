@@ -197,12 +197,15 @@ def predict(
     hit_threshold: float = ASSIGNED,
     source: str = "",
     progress: bool = True,
+    limit: int | None = None,
 ) -> int:
     """Write the predictions of `model` (config `cfg`) on a split of the dataset `data` to `out`
-    (layout in the module doc); return the number of events. `fit`: "robust", "plain" or None."""
+    (layout in the module doc); return the number of events. `fit`: "robust", "plain" or None;
+    `limit`: only the split's first events."""
     out = Path(out)
     reader = DatasetReader(data, required_track_features=())
     indices = np.arange(len(reader)) if split == "all" else run_splits(cfg, len(reader))[split]
+    indices = indices[:limit]  # the first `limit` events (all with None)
     features = hit_features(cfg, reader.hit_features, f"dataset {reader.path}")
     dataset = MuonEventDataset(reader, features, [], int(cfg.data.max_particles), indices=indices)
     dev = resolve_device(device)
