@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from muonreg.errors import exit_on_user_errors
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
-from muonreg.trained import checkpoint_file, read_checkpoint
+from muonreg.trained import add_source_arguments, checkpoint_file, read_checkpoint
 from muonreg.training.device import autocast_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
 
@@ -61,15 +61,10 @@ def evaluate_checkpoint(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.evaluate", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, help="a checkpoint written by training (best.pt or last.pt)"
-    )
-    source.add_argument(
-        "--run-id", help="an MLflow run whose best checkpoint to evaluate; the report is logged to it"
-    )
-    parser.add_argument(
-        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project database)"
+    add_source_arguments(
+        parser,
+        "a checkpoint written by training (best.pt or last.pt)",
+        "an MLflow run whose best checkpoint to evaluate; the report is logged to it",
     )
     parser.add_argument("--split", choices=("train", "val", "test"), default="test")
     parser.add_argument("--out", type=Path, help="report directory (default: beside the checkpoint)")

@@ -46,7 +46,7 @@ from muonreg.data.geometry import GEOMETRY
 from muonreg.errors import UserError, exit_on_user_errors, root_cause
 from muonreg.models import MaskFormer
 from muonreg.tracking.store import connect, default_tracking_uri
-from muonreg.trained import checkpoint_file, load_model
+from muonreg.trained import add_source_arguments, checkpoint_file, load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
 INPUTS = ("hit_x", "hit_x_valid", "hit_valid", "hit_geometry", "hit_geometry_valid")
@@ -232,13 +232,10 @@ def export(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.export", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint written by training (best.pt)")
-    source.add_argument(
-        "--run-id", help="an MLflow run whose best checkpoint to export; the .onnx is logged to it"
-    )
-    parser.add_argument(
-        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project's)"
+    add_source_arguments(
+        parser,
+        "a checkpoint written by training (best.pt)",
+        "an MLflow run whose best checkpoint to export; the .onnx is logged to it",
     )
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument(

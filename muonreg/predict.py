@@ -51,7 +51,7 @@ from muonreg.evaluation.inference import infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer
 from muonreg.reco.fit import MIN_HITS
-from muonreg.trained import checkpoint_file, load_model
+from muonreg.trained import add_source_arguments, checkpoint_file, load_model
 from muonreg.training.device import autocast_dtype, resolve_device
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
@@ -261,11 +261,8 @@ def _atomic(out: Path) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.predict", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint written by training (best.pt)")
-    source.add_argument("--run-id", help="an MLflow run whose best checkpoint to use")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project's)"
+    add_source_arguments(
+        parser, "a checkpoint written by training (best.pt)", "an MLflow run whose best checkpoint to use"
     )
     parser.add_argument("--data", type=Path, help="dataset directory (default: the one the run trained on)")
     parser.add_argument(

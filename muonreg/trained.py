@@ -7,6 +7,7 @@ standardisation and target normalisation are buffers, so they come with the weig
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,16 @@ def download_best(run_id: str, uri: str, dst: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BEST, dst_path=str(dst)))
     except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
         raise TrackingError(f"MLflow run {run_id} has no {BEST} artifact to use ({root_cause(err)})") from err
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, checkpoint: str, run_id: str) -> None:
+    """--checkpoint PATH | --run-id ID (one required) and --tracking-uri, with each tool's help."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help=checkpoint)
+    source.add_argument("--run-id", help=run_id)
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project database)"
+    )
 
 
 @contextlib.contextmanager
