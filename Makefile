@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data train sweep ablation compare predict export ui test test-fast lint bench clean
+.PHONY: install data train sweep ablation compare predict export display ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ predict: install  # e.g. make predict ARGS="--run-id ID --out pred.h5" (python -
 
 export: install  # e.g. make export ARGS="--run-id ID --out model.onnx" (python -m muonreg.export --help)
 	$(PY) -m muonreg.export $(ARGS)
+
+display: install  # e.g. make display ARGS="--run-id ID --event 3" (python -m muonreg.display --help)
+	$(PY) -m muonreg.display $(ARGS)
 
 ui: install  # MLflow UI on the project database: http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
