@@ -21,7 +21,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed on clusters
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.collections import EllipseCollection
 
 from muonreg.data.dataset import MuonEventDataset, collate
@@ -101,13 +100,41 @@ def _panel(
     ax_xy.set_aspect("equal", adjustable="box")
 
 
+def draw_examples(
+    model: MaskFormer, dataset: MuonEventDataset, rows: dict[str, np.ndarray], out_dir: str | Path, n: int
+) -> list[Path]:
+    """Displays of `n` events chosen by the pT residual of the query matched to each true muon
+    (TrackRecords rows with "event"): the best, the worst and typical ones between (evenly spaced
+    ranks). Every muon counts, reconstructed or not: the worst is often one the tracker missed."""
+    if n <= 0 or not len(rows["event"]):
+        return []
+    residual = np.abs(rows["pred_pt"] / rows["true_pt"] - 1)
+    order = np.argsort(residual, kind="stable")
+    picks = np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))
+    position = {int(e): i for i, e in enumerate(dataset.indices)}
+    paths = []
+    for rank in picks:
+        muon = order[rank]
+        event = int(rows["event"][muon])
+        label = "best" if rank == 0 else "worst" if rank == len(order) - 1 else f"typical-rank{rank}"
+        title = (
+            f"{label} of {len(order)} muons by |pT residual|: {residual[muon]:.3f} "
+            f"({'reconstructed' if rows['reco'][muon] else 'not reconstructed'}; dataset event {event})"
+        )
+        paths.append(
+            draw_event(model, dataset, position[event], Path(out_dir) / f"{label}-event{event}.png", title)
+        )
+    return paths
+
+
 def draw_event(
     model: MaskFormer, dataset: MuonEventDataset, item: int, out: str | Path, title: str = ""
 ) -> Path:
     """Draw dataset item `item` with the model's predictions to the PNG `out`."""
     reader = dataset.reader
     event = reader.read(int(dataset.indices[item]))
-    pred = {k: v[0].numpy() for k, v in infer(model, collate([dataset[item]]), torch.device("cpu")).items()}
+    device = next(model.parameters()).device
+    pred = {k: v[0].cpu().numpy() for k, v in infer(model, collate([dataset[item]]), device).items()}
     index, tracks = reader.hit_index, reader.track_index
     truth = event.hits[:, index[TRUTH_LINK]].astype(int)
     valid = pred["valid_probability"] >= 0.5

@@ -1,4 +1,5 @@
-"""`python -m muonreg.display` draws a 1-muon and a 2-muon event of a real smoke run to a PNG."""
+"""`python -m muonreg.display` draws a 1-muon and a 2-muon event of a real smoke run to a PNG, and
+every run's evaluation logs displays of its best, a typical and its worst event."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def test_display_draws_one_and_two_muon_events_and_logs_to_the_run(trained, tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         assert out.read_bytes().startswith(PNG) and out.stat().st_size > 20_000
     assert [a.path for a in client(root).list_artifacts(run_id, "displays")] == ["displays/2-muon.png"]
+    # and every run's evaluation draws its best, a typical and its worst event by pT residual
+    drawn = [a.path.split("/")[-1] for a in client(root).list_artifacts(run_id, "evaluation/displays")]
+    assert len(drawn) == 3 and drawn[0].startswith("best-") and any(d.startswith("worst-") for d in drawn)
 
     result = subprocess.run(
         [sys.executable, "-m", "muonreg.display", "--checkpoint", str(best), "--event", "100000"],

@@ -2,7 +2,8 @@
 
 The network's own metrics and records; the oracle (its regression on the truth hit assignment);
 the least-squares fit of the truth hits (cached per dataset); the least-squares fit of the hits
-the network assigned, plain and robust; then the report (tables, plots) and a short summary.
+the network assigned, plain and robust; then the report (tables, plots, `evaluation.displays` event
+displays: best, typical and worst by pT residual) and a short summary.
 """
 
 from __future__ import annotations
@@ -43,5 +44,12 @@ def full_evaluation(
         for name, robust in ((ASSIGNED_FIT, False), (ROBUST_FIT, True)):
             methods[name] = assigned_fit_rows(records, dataset.reader, robust, evaluation.assigned_fit_events)
     extra, tables = write_report(out_dir, methods, list(evaluation.pt_bins), list(evaluation.eta_bins))
+    if evaluation.get("displays", 0):
+        from muonreg.display import draw_examples  # matplotlib figures only when asked for
+        from muonreg.evaluation.inference import unwrap
+
+        draw_examples(
+            unwrap(model), dataset, methods[NETWORK], Path(out_dir) / "displays", evaluation.displays
+        )
     metrics.update({f"{prefix}/{k}": v for k, v in extra.items()})
     return metrics, summary(tables)
