@@ -174,7 +174,10 @@ def draw_event(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.display", description=__doc__.splitlines()[0])
     add_source_arguments(
-        parser, "a checkpoint written by training (best.pt)", "an MLflow run; the PNG is logged to it"
+        parser,
+        "a checkpoint written by training (best.pt)",
+        "an MLflow run; the PNG is logged to it",
+        model_uri=True,
     )
     parser.add_argument(
         "--event", type=int, required=True, help="the event's position in the split (0, 1, ...)"
@@ -183,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="dataset directory (default: the one the run trained on)")
     parser.add_argument("--out", type=Path, help="PNG to write (default: display-<split>-<event>.png)")
     args = parser.parse_args(argv)
-    with exit_on_user_errors(), checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri) as path:
+    with (
+        exit_on_user_errors(),
+        checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri, args.model_uri) as path,
+    ):
         model, cfg = load_model(path)
         data = args.data or dataset_path(cfg)
         reader = DatasetReader(data)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         features = hit_features(cfg, reader.hit_features, f"dataset {data}")
         dataset = MuonEventDataset(reader, features, [], int(cfg.data.max_particles), indices=indices)
         out = args.out or Path(f"display-{args.split}-{args.event}.png")
-        source = f"run {args.run_id}" if args.run_id else path.name
+        source = f"run {args.run_id}" if args.run_id else args.model_uri or path.name
         draw_event(
             model,
             dataset,

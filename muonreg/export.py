@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         parser,
         "a checkpoint written by training (best.pt)",
         "an MLflow run whose best checkpoint to export; the .onnx is logged to it",
+        model_uri=True,
     )
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument(
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_errors():
         uri = args.tracking_uri or default_tracking_uri()
-        with checkpoint_file(args.checkpoint, args.run_id, uri) as path:
+        with checkpoint_file(args.checkpoint, args.run_id, uri, args.model_uri) as path:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             report = export(path, args.out, args.data, args.check_events)
         print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB, opset {OPSET}")

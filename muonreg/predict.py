@@ -259,10 +259,19 @@ def _atomic(out: Path) -> Iterator[Path]:
     os.replace(partial, out)
 
 
+def _source(args: argparse.Namespace) -> str:
+    if args.run_id:
+        return f"run {args.run_id}"
+    return f"model {args.model_uri}" if args.model_uri else str(args.checkpoint.resolve())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m muonreg.predict", description=__doc__.splitlines()[0])
     add_source_arguments(
-        parser, "a checkpoint written by training (best.pt)", "an MLflow run whose best checkpoint to use"
+        parser,
+        "a checkpoint written by training (best.pt)",
+        "an MLflow run whose best checkpoint to use",
+        model_uri=True,
     )
     parser.add_argument("--data", type=Path, help="dataset directory (default: the one the run trained on)")
     parser.add_argument(
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--batch-size={args.batch_size} must be at least 1")
         if not 0 < args.hit_threshold <= 1:
             raise UserError(f"--hit-threshold={args.hit_threshold} must be in (0, 1]")
-        with checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri) as path:
+        with checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri, args.model_uri) as path:
             model, cfg = load_model(path)
             data = args.data or dataset_path(cfg)
             start = time.perf_counter()
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 fit=None if args.no_fit else "plain" if args.plain_fit else "robust",
                 hit_threshold=args.hit_threshold,
-                source=f"run {args.run_id}" if args.run_id else str(args.checkpoint.resolve()),
+                source=_source(args),
             )
         elapsed = time.perf_counter() - start
         print(

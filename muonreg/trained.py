@@ -62,11 +62,17 @@ def download_best(run_id: str, uri: str, dst: str | Path) -> Path:
         raise TrackingError(f"MLflow run {run_id} has no {BEST} artifact to use ({root_cause(err)})") from err
 
 
-def add_source_arguments(parser: argparse.ArgumentParser, checkpoint: str, run_id: str) -> None:
-    """--checkpoint PATH | --run-id ID (one required) and --tracking-uri, with each tool's help."""
+def add_source_arguments(
+    parser: argparse.ArgumentParser, checkpoint: str, run_id: str, model_uri: bool = False
+) -> None:
+    """--checkpoint PATH | --run-id ID [| --model-uri URI] (one required) and --tracking-uri."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help=checkpoint)
     source.add_argument("--run-id", help=run_id)
+    if model_uri:
+        source.add_argument(
+            "--model-uri", help="an MLflow model of a run: models:/NAME/VERSION or runs:/ID/model"
+        )
     parser.add_argument(
         "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the project database)"
     )
@@ -74,14 +80,28 @@ def add_source_arguments(parser: argparse.ArgumentParser, checkpoint: str, run_i
 
 @contextlib.contextmanager
 def checkpoint_file(
-    checkpoint: str | Path | None, run_id: str | None, tracking_uri: str | None = None
+    checkpoint: str | Path | None,
+    run_id: str | None,
+    tracking_uri: str | None = None,
+    model_uri: str | None = None,
 ) -> Iterator[Path]:
-    """The checkpoint given, or the best one of an MLflow run (downloaded for the duration)."""
-    if run_id is None:
+    """The checkpoint given, the best one of an MLflow run, or the one inside an MLflow model of a
+    run (muonreg.tracking.model); downloaded for the duration."""
+    if run_id is None and model_uri is None:
         yield Path(checkpoint)
         return
+    uri = tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
-        yield download_best(run_id, tracking_uri or default_tracking_uri(), tmp)
+        if run_id is not None:
+            yield download_best(run_id, uri, tmp)
+            return
+        connect(uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        except (MlflowException, OSError) as err:
+            raise TrackingError(f"MLflow model {model_uri} in {uri}: {root_cause(err)}") from err
+        yield local / "artifacts" / "best.pt"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:

@@ -3,11 +3,15 @@ from the registry), it predicts on stored events exactly what the checkpoint pre
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import h5py
 import mlflow
 import numpy as np
 import pytest
 import torch
-from test_train_e2e import client, run_train, runs
+from test_train_e2e import ENV, ROOT, client, run_train, runs
 from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.data.dataset import MuonEventDataset, collate
@@ -48,4 +52,17 @@ def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(tmp_path, data_dir):
         for key in OUTPUTS:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{uri} {key}")
     assert pyfunc.metadata.signature.inputs.input_names() == ["hits", "num_hits"]
+
+    # the registered model also feeds muonreg.predict (--model-uri): the same predictions
+    out = tmp_path / "pred.h5"
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "muonreg.predict", "--model-uri", "models:/muon-tracker/1", "--out", str(out), "--no-fit"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["event_index"][: len(test)], test)
+        # in one batch with the split's other events (more padding): equal to float rounding
+        np.testing.assert_allclose(f["pt"][: len(test)], expected["pt"], rtol=1e-5)
     assert pyfunc.metadata.saved_input_example_info is not None
