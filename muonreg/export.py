@@ -39,10 +39,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from muonreg.config import feature_names
 from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
 from muonreg.data.geometry import GEOMETRY
+from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors, root_cause
 from muonreg.models import MaskFormer
 from muonreg.tracking.store import connect, default_tracking_uri
@@ -111,9 +111,11 @@ def export_onnx(model: MaskFormer, cfg: DictConfig, sample: dict[str, torch.Tens
             verbose=False,
         )
     proto = program.model_proto
-    meta = {
-        "muonreg.hit_features": json.dumps(feature_names(cfg)),
-        "muonreg.hit_scales": json.dumps(OmegaConf.to_container(cfg.data.scales)),
+    features = hit_features(cfg, HIT_FEATURES, "the export's metadata")
+    meta = {  # what preparing the inputs from stored hits needs (HitFeatures, HitGeometry)
+        "muonreg.hit_features": json.dumps(features.names),
+        "muonreg.hit_scales": json.dumps({k: v for k, v in features.scales.items() if k in features.names}),
+        "muonreg.missing_sentinels": json.dumps(features.missing_sentinels.tolist()),
         "muonreg.geometry": json.dumps(list(GEOMETRY)),
         "muonreg.outputs": json.dumps(list(OUTPUTS)),
         "muonreg.config": OmegaConf.to_yaml(cfg),
