@@ -218,3 +218,15 @@ def test_the_training_loop_never_makes_the_host_wait_for_the_gpu(loaders, tmp_pa
     assert in_loop == []
     trainer.save("last.pt")  # reads the flags of every step: all were kept
     assert trainer.state.global_step == 4 and trainer.guard.total == 0
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_input_standardisation_can_be_switched_off(loaders, standardize):
+    """`model.standardize_inputs=false` (the ablation's starting point) keeps the inputs as scaled."""
+    from muonreg.training.setup import fit_normalizations
+
+    model = make_model(input_size=len(FEATURES))
+    fit_normalizations(model, loaders["train"].dataset, FIELDS, standardize_inputs=standardize)
+    identity = bool((model.input_norm.mean == 0).all() and (model.input_norm.std == 1).all())
+    assert identity != standardize
+    assert (model.regression_task.space.std != 1).any()  # the targets are normalised either way
