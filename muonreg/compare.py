@@ -47,6 +47,8 @@ METRICS = (
     ("test/robust_fit_pt_resolution", "robust fit of assigned hits σ(pT)/pT"),
     ("test/fit_pt_resolution", "LSQ fit σ(pT)/pT"),
     ("test/fit_qpt_resolution", "LSQ fit σ(q/pT)·pT"),
+    ("test/fit_eta_resolution", "LSQ fit σ(η)"),
+    ("test/fit_phi_resolution_mrad", "LSQ fit σ(φ) mrad"),
 )
 # Per pT bin (metrics <name>_pt<lo>_<hi>, see evaluation.report): the network beside the fit.
 BINNED = (
@@ -109,9 +111,10 @@ def select_runs(
 
 
 def varied(runs: list[Run]) -> list[str]:
-    """Params whose value differs between runs (what the sweep changed), seed last."""
+    """Params whose value differs between runs (what the sweep changed), seed last. A param only some
+    runs have (one that a newer version of the code added) is not a difference between them."""
     keys = sorted({k for r in runs for k in r.data.params if not k.startswith(IGNORED_PARAMS)})
-    out = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != SEED]
+    out = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1 and k != SEED]
     return out + ([SEED] if len({r.data.params.get(SEED) for r in runs}) > 1 else [])
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
-from muonreg.compare import BINNED, METRICS, markdown, plot
+from muonreg.compare import BINNED, METRICS, markdown, plot, varied
 
 
 def _row(**values) -> dict:
@@ -51,3 +52,17 @@ def pt_bins_order(bins):
     from muonreg.compare import _bin_low
 
     return sorted(bins, key=_bin_low)
+
+
+def test_a_param_that_only_newer_runs_log_is_not_a_difference():
+    def run(**params):
+        return SimpleNamespace(
+            data=SimpleNamespace(params={k.replace("__", "."): v for k, v in params.items()})
+        )
+
+    runs = [
+        run(seed="0", assignment_threshold="0.1"),  # logged before trainer.tf32 existed
+        run(seed="1", assignment_threshold="0.1", trainer__tf32="True"),
+        run(seed="0", assignment_threshold="0.5", trainer__tf32="True"),
+    ]
+    assert varied(runs) == ["assignment_threshold", "seed"]

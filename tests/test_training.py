@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,22 @@ def test_the_training_loop_never_makes_the_host_wait_for_the_gpu(loaders, tmp_pa
     assert in_loop == []
     trainer.save("last.pt")  # reads the flags of every step: all were kept
     assert trainer.state.global_step == 4 and trainer.guard.total == 0
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_input_standardisation_can_be_switched_off(loaders, standardize):
+    """`model.standardize_inputs=false` (the ablation's starting point) keeps the inputs as scaled."""
+    from muonreg.training.setup import fit_normalizations
+
+    model = make_model(input_size=len(FEATURES))
+    fit_normalizations(model, loaders["train"].dataset, FIELDS, standardize_inputs=standardize)
+    identity = bool((model.input_norm.mean == 0).all() and (model.input_norm.std == 1).all())
+    assert identity != standardize
+    # the targets are normalised on every training event either way (not on one: a positional-argument
+    # slip once fitted both normalisations on a single event)
+    dataset = loaders["train"].dataset
+    items = [dataset[i] for i in range(len(dataset))]
+    eta = np.concatenate([it["particle_truthMuon_eta"][it["particle_valid"]] for it in items])
+    assert model.regression_task.space.mean[FIELDS.index("truthMuon_eta")].item() == pytest.approx(
+        eta.mean(), abs=1e-5
+    )

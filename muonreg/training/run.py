@@ -195,7 +195,7 @@ def _train_and_test(
         model,
         data.datasets["train"],
         list(cfg.inverse_fields.targets),
-        cfg.model.get("standardize_inputs", True),
+        standardize_inputs=cfg.model.get("standardize_inputs", True),
     )
     model.to(device)
     if world.size > 1:

@@ -183,16 +183,23 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
 
 
 def fit_normalizations(
-    model: MaskFormer, dataset: MuonEventDataset, fields: list[str], n: int = 2000
+    model: MaskFormer,
+    dataset: MuonEventDataset,
+    fields: list[str],
+    *,
+    standardize_inputs: bool = True,
+    n: int = 2000,
 ) -> None:
-    """Input standardisation and target normalisation from up to `n` evenly spread training events
-    (saved with the model, so a checkpoint predicts exactly as trained)."""
+    """Input standardisation (unless switched off: the inputs stay as the feature scales leave them)
+    and target normalisation from up to `n` evenly spread training events (saved with the model, so a
+    checkpoint predicts exactly as trained)."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
     items = [dataset[int(i)] for i in picks]
-    model.input_norm.fit(
-        torch.from_numpy(np.concatenate([it["hit_x"] for it in items])),
-        torch.from_numpy(np.concatenate([it["hit_x_valid"] for it in items])),
-    )
+    if standardize_inputs:
+        model.input_norm.fit(
+            torch.from_numpy(np.concatenate([it["hit_x"] for it in items])),
+            torch.from_numpy(np.concatenate([it["hit_x_valid"] for it in items])),
+        )
     valid = torch.from_numpy(np.stack([it["particle_valid"] for it in items]))
     targets = {
         f"particle_{f}": torch.from_numpy(np.stack([it[f"particle_{f}"] for it in items])) for f in fields
