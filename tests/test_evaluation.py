@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from muonreg.compare import BIN
 from muonreg.evaluation.metrics import (
     TrackRecords,
     binned,
@@ -14,7 +15,7 @@ from muonreg.evaluation.metrics import (
     resolution_metrics,
     summarise,
 )
-from muonreg.evaluation.report import FIT, NETWORK, ORACLE, summary, write_report
+from muonreg.evaluation.report import FIT, NETWORK, ORACLE, bin_name, summary, write_report
 
 
 def test_core_width_and_empty_samples():
@@ -105,6 +106,11 @@ def test_fit_rows_and_report_files(tmp_path):
     metrics, tables = write_report(tmp_path, methods, [5, 50, 200], [0, 1.05, 2.7])
     assert 0.01 < metrics["fit_pt_resolution"] < 0.06 and metrics["fit_charge_accuracy"] == 1.0
     assert metrics["oracle_pt_resolution"] == tables[NETWORK]["all"][0]["pt_resolution"]
+    # per pT bin, every method, in the names muonreg.compare reads
+    assert metrics["fit_pt_resolution_pt5_50"] == tables[FIT]["pT [GeV]"][0]["pt_resolution"]
+    assert metrics["fit_pt_bias_pt50_200"] == tables[FIT]["pT [GeV]"][1]["pt_bias"]
+    assert {"pt_resolution_pt5_50", "oracle_charge_accuracy_pt50_200"} <= set(metrics)  # the network's too
+    assert BIN.match("test/pt_resolution_pt5_50") and bin_name(2.5, 5) == "pt2p5_5"
     lines = summary(tables).splitlines()
     assert len(lines) == 1 + 1 + 2 and "least-squares fit" in lines[0] and "x" in lines[1]
     for name in (

@@ -81,7 +81,8 @@ def write_report(
 ) -> tuple[dict[str, float], dict[str, dict[str, list[dict]]]]:
     """Write tables and plots of `methods` (name -> TrackRecords rows, NETWORK first) into `out_dir`.
 
-    Returns the overall metrics of every method but the network, prefixed (PREFIX), and the tables.
+    Returns the overall metrics of every method but the network, prefixed (PREFIX), the per-pT-bin
+    metrics of every method (BINNED, `<prefix><metric>_<bin_name>`), and the tables.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,18 @@ def write_report(
         for k, v in t["all"][0].items()
         if k in keys
     }
+    metrics |= {
+        f"{PREFIX.get(m, '')}{k}_{bin_name(row['lo'], row['hi'])}": row[k]
+        for m, t in tables.items()
+        for row in t["pT [GeV]"]
+        for k in BINNED
+    }
     return metrics, tables
+
+
+def bin_name(lo: float, hi: float) -> str:
+    """A pT bin as a metric-name suffix: pt5_10, pt2p5_5 (MLflow keys take no '.' or '-' well)."""
+    return "pt" + "_".join(f"{x:g}".replace(".", "p") for x in (lo, hi))
 
 
 def summary(tables: dict[str, dict[str, list[dict]]]) -> str:
