@@ -119,7 +119,7 @@ def test_unknown_group_option_and_key_are_hydra_errors_naming_them():
 def test_flatten_gives_dotted_params():
     flat = flatten(_compose("assignment_threshold=0.2"))
     assert flat["assignment_threshold"] == "0.2"
-    assert flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min']"
+    assert flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min', 'fit']"
     assert flat["paths.root"] == str(project_root())
 
 
@@ -135,7 +135,9 @@ def test_cluster_launcher_config_composes():
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 720
 
 
-@pytest.mark.parametrize("experiment", ["threshold_sweep", "inverse_pt_ablation", "full_grid"])
+@pytest.mark.parametrize(
+    "experiment", ["threshold_sweep", "inverse_pt_ablation", "full_grid", "regression_ablation", "pooling_study"]
+)
 @pytest.mark.parametrize("budget", ["cpu", "gpu"])
 def test_named_studies_compose_with_both_budgets(experiment, budget):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -148,4 +150,5 @@ def test_named_studies_compose_with_both_budgets(experiment, budget):
     assert cfg.tracking.experiment == experiment
     assert "seed" in cfg.hydra.sweeper.params
     assert cfg.trainer.batch_size == (200 if budget == "gpu" else 100)
-    assert cfg.data.simulation.events == (1_000_000 if budget == "gpu" else 30_000)
+    assert cfg.data.simulation.events == (1_000_000 if budget == "gpu" else 60_000)
+    assert cfg.trainer.max_epochs == (30 if budget == "gpu" else 6)  # the CPU study budget: 6, not the default 4

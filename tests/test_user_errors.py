@@ -30,7 +30,7 @@ def _run(tmp_path, data_dir, fault: str, env: dict[str, str]) -> tuple[subproces
     if fault == "data":
         path = _no_muon_dataset(tmp_path)
         overrides, expected = (
-            [f"data.path={path}"],
+            [f"data.path={path}", "data.split=[0.8,0.1,0.1]"],  # 40 events: train rows 0..31
             f"{path}: the train split (dataset events 0..31) holds no muon",
         )
     elif fault == "tracking":
