@@ -136,7 +136,8 @@ def test_cluster_launcher_config_composes():
 
 
 @pytest.mark.parametrize(
-    "experiment", ["threshold_sweep", "inverse_pt_ablation", "full_grid", "regression_ablation", "pooling_study"]
+    "experiment",
+    ["threshold_sweep", "inverse_pt_ablation", "full_grid", "regression_ablation", "pooling_study"],
 )
 @pytest.mark.parametrize("budget", ["cpu", "gpu"])
 def test_named_studies_compose_with_both_budgets(experiment, budget):
@@ -151,4 +152,6 @@ def test_named_studies_compose_with_both_budgets(experiment, budget):
     assert "seed" in cfg.hydra.sweeper.params
     assert cfg.trainer.batch_size == (200 if budget == "gpu" else 100)
     assert cfg.data.simulation.events == (1_000_000 if budget == "gpu" else 60_000)
-    assert cfg.trainer.max_epochs == (30 if budget == "gpu" else 6)  # the CPU study budget: 6, not the default 4
+    assert cfg.trainer.max_epochs == (
+        30 if budget == "gpu" else 6
+    )  # the CPU study budget: 6, not the default 4
