@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data train sweep ablation compare predict export display ui test test-fast lint bench clean
+.PHONY: install data train sweep ablation search compare predict export display ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ sweep: data  # the assignment-threshold study
 
 ablation: data  # inverse-pT regression on/off
 	$(PY) train.py -m +experiment=inverse_pt_ablation $(ARGS)
+
+search: data  # Optuna hyperparameter search; the same command again continues it
+	$(PY) train.py -m +experiment=search $(ARGS)
 
 compare: install  # table and plots of the latest sweep, from MLflow
 	$(PY) -m muonreg.compare $(ARGS)
@@ -54,8 +57,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check muonreg tests bench train.py
-	$(VENV)/bin/ruff format --check muonreg tests bench train.py
+	$(VENV)/bin/ruff check muonreg hydra_plugins tests bench train.py
+	$(VENV)/bin/ruff format --check muonreg hydra_plugins tests bench train.py
 
 bench: install
 	$(PY) bench/simulator_throughput.py

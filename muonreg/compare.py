@@ -3,7 +3,8 @@
 By default the latest sweep (the newest parent run made by a multirun). One row per combination
 of the swept parameters, with the mean and spread over seeds of the key test metrics, and how
 many of its runs FINISHED, FAILED, are still RUNNING, or are DEAD: RUNNING in MLflow, but their
-process died without closing them (failed rows are shown, not dropped). Plots
+process died without closing them (failed rows are shown, not dropped), and the best run by the
+metric the runs optimised (`best/<optimized_metric>`: an Optuna search's best trial). Plots
 show each metric against each numeric swept parameter. The report (Markdown, CSV, PNG) is
 written to --out and logged to the sweep's parent run. Works on the SQLite store and on an
 `mlflow server` alike (--tracking-uri or MLFLOW_TRACKING_URI).
@@ -164,6 +165,28 @@ def table(runs: list[Run], swept: list[str]) -> list[dict]:
     return rows
 
 
+def best_run(runs: list[Run]) -> tuple[Run, str, float] | None:
+    """The FINISHED run with the lowest value of the metric the runs optimised (an Optuna search's
+    best trial): (run, metric, value), or None when the runs optimised different metrics."""
+    targets = {r.data.params.get("optimized_metric") for r in runs}
+    if len(targets) != 1 or None in targets:
+        return None
+    metric = f"best/{targets.pop()}"
+    done = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not done:
+        return None
+    run = min(done, key=lambda r: r.data.metrics[metric])
+    return run, metric, run.data.metrics[metric]
+
+
+def _best_line(found: tuple[Run, str, float] | None, swept: list[str]) -> list[str]:
+    if found is None:
+        return []
+    run, metric, value = found
+    values = ", ".join(f"{k}={run.data.params.get(k)}" for k in swept)
+    return [f"Best run by {metric}: {value:.5g}, run {run.info.run_id} ({values or run.info.run_name}).", ""]
+
+
 def _cell(row: dict, metric: str) -> str:
     mean, std = row[metric], row[f"{metric} std"]
     if math.isnan(mean):
@@ -175,10 +198,12 @@ def _cell(row: dict, metric: str) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def markdown(rows: list[dict], swept: list[str], title: str, bins: list[str] = ()) -> str:
+def markdown(
+    rows: list[dict], swept: list[str], title: str, bins: list[str] = (), best: list[str] = ()
+) -> str:
     keys = [k for k in swept if k != SEED]
     head = [*keys, "runs", "status", *[name for _, name in METRICS]]
-    lines = [f"## {title}", "", "Mean ± standard deviation over seeds (FINISHED runs only).", ""]
+    lines = [f"## {title}", "", *best, "Mean ± standard deviation over seeds (FINISHED runs only).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = (
@@ -275,7 +300,8 @@ def compare(
     out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
     out.mkdir(parents=True, exist_ok=True)
     title = root.info.run_name if root else f"runs of {experiment or filter_string}"
-    (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs)))
+    best = _best_line(best_run(runs), swept)
+    (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs), best))
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -10,6 +10,7 @@ FINISHED, FAILED otherwise; it never stays RUNNING.
 `torchrun ... train.py -m` runs the sweep in every rank, each job together: only rank 0 makes the
 parent, and the jobs run one after another (the basic launcher). A SLURM sweep on a SQLite store is
 refused before anything is submitted (muonreg.tracking.store: SQLite on a shared filesystem).
+A sweep run again in the same `hydra.sweep.dir` (a resumed Optuna search) continues its parent run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -75,16 +77,33 @@ class MlflowSweepCallback(Callback):
             raise ConfigError(f"hydra.sweep.dir={str(sweep_dir)!r} cannot be created ({err})") from err
         dataset_path(config)  # generate the shared default dataset once, before jobs start
         self.client, experiment_id = setup_experiment(config)
-        run = self.client.create_run(
-            experiment_id,
-            run_name=_sweep_name(config),
-            tags={"sweep_dir": str(sweep_dir), "muonreg.role": "sweep"},
+        self.parent_id = (
+            self._reopen(sweep_dir, experiment_id)
+            or self.client.create_run(
+                experiment_id,
+                run_name=_sweep_name(config),
+                tags={"sweep_dir": str(sweep_dir), "muonreg.role": "sweep"},
+            ).info.run_id
         )
-        self.parent_id = run.info.run_id
         atexit.register(self._close)  # from here on the parent is closed however the sweep ends
         (sweep_dir / PARENT_FILE).write_text(self.parent_id)
         os.environ["MUONREG_PARENT_RUN_ID"] = self.parent_id
         log.info("MLflow parent run %s (experiment %s)", self.parent_id, config.tracking.experiment)
+
+    def _reopen(self, sweep_dir: Path, experiment_id: str) -> str | None:
+        """The parent run of an earlier sweep in this same directory (a resumed search), set RUNNING again."""
+        previous = sweep_dir / PARENT_FILE
+        if not previous.is_file():
+            return None
+        try:
+            run = self.client.get_run(previous.read_text().strip())
+        except MlflowException:
+            return None  # made in another tracking store
+        if run.info.experiment_id != experiment_id:
+            return None
+        self.client.update_run(run.info.run_id, status="RUNNING")
+        log.info("continuing the MLflow parent run %s of %s", run.info.run_id, sweep_dir)
+        return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.completed = True

@@ -254,6 +254,7 @@ def _train_and_test(
             "; training had finished: on to the test evaluation" if trainer.state.finished else "",
         )
     best = trainer.fit()
+    log_metrics({f"best/{cfg.optimized_metric}": best}, trainer.state.epoch)  # what a sweeper optimised
     world.close()  # all ranks leave together, none waits while rank 0 alone tests
     if not world.is_main:  # the test evaluation, report and artifacts are rank 0's
         return best
