@@ -7,17 +7,12 @@ checkpoint continues the same MLflow run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_train_e2e import ENV, ROOT, client, command, run_train, runs
+from test_train_e2e import client, last_sidecar, run_train, runs, signal_when
 from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 pytestmark = pytest.mark.slow
@@ -29,31 +24,6 @@ def root(tmp_path, empty_mlflow_db) -> Path:
     return tmp_path
 
 
-def _sidecar(root: Path) -> dict:
-    """The newest last.pt sidecar of the run directories under `root` ({} before the first)."""
-    found = sorted(root.glob("outputs/**/checkpoints/last.pt.json"), key=lambda p: p.stat().st_mtime)
-    with contextlib.suppress(IndexError, OSError, ValueError):  # none yet, or caught mid-write
-        return json.loads(found[-1].read_text())
-    return {}
-
-
-def _kill_when(root: Path, data: Path, overrides: list[str], ready: Callable[[], bool]) -> None:
-    """Start a run, SIGKILL it as soon as `ready()` holds (failing if it ended first)."""
-    proc = subprocess.Popen(
-        command(root, data, *overrides),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not ready() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 def _steps(root: Path, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client(root).get_metric_history(run_id, key))
 
@@ -61,7 +31,7 @@ def _steps(root: Path, run_id: str, key: str) -> list[int]:
 def test_resume_continues_in_the_original_directory_and_never_touches_a_finished_run(root, data_dir):
     # DataLoader workers, forked by the killed process, must not make its run look alive
     common = ["trainer.max_epochs=3", "trainer.checkpoint_every_steps=1", "trainer.num_workers=2"]
-    _kill_when(root, data_dir, common, lambda: _sidecar(root).get("global_step", 0) >= 11)  # in epoch 1
+    signal_when(root, data_dir, common, lambda: last_sidecar(root).get("global_step", 0) >= 11)  # in epoch 1
     (killed,) = runs(root)
     assert killed.info.status == "RUNNING"
 
@@ -85,16 +55,16 @@ def test_resume_continues_in_the_original_directory_and_never_touches_a_finished
 
 def test_a_kill_after_the_last_epoch_resumes_at_the_test_evaluation(root, data_dir):
     common = ["trainer.max_epochs=2"]
-    _kill_when(root, data_dir, common, lambda: _sidecar(root).get("finished", False))
+    signal_when(root, data_dir, common, lambda: last_sidecar(root).get("finished", False))
     (killed,) = runs(root)
     assert killed.info.status == "RUNNING" and "test/loss" not in killed.data.metrics
-    trained = _sidecar(root)["global_step"]
+    trained = last_sidecar(root)["global_step"]
 
     result = run_train(root, data_dir, *common, "resume=auto")
     assert "training had finished: on to the test evaluation" in result.stdout + result.stderr
     (run,) = runs(root)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    assert _sidecar(root)["global_step"] == trained  # not one step trained again
+    assert last_sidecar(root)["global_step"] == trained  # not one step trained again
     assert _steps(root, run.info.run_id, "train/loss") == [0, 1]
     assert _steps(root, run.info.run_id, "test/loss") == [2]
 
@@ -103,7 +73,7 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_mlflow_run(root, 
     def training() -> bool:
         return any("epoch 0 batch 2/" in log.read_text() for log in root.glob("outputs/**/train.log"))
 
-    _kill_when(root, data_dir, [], training)  # default checkpointing: none written yet
+    signal_when(root, data_dir, [], training)  # default checkpointing: none written yet
     assert not list(root.glob("outputs/**/checkpoints/last.pt"))
     (killed,) = runs(root)
     run_train(root, data_dir, "resume=auto")

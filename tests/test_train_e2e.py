@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -134,6 +135,33 @@ def test_a_failing_job_fails_its_child_and_the_parent(tmp_path, data_dir):
     assert status == {str(good): "FINISHED", str(bad): "FAILED"}
 
 
+def last_sidecar(root: Path) -> dict:
+    """The newest last.pt sidecar of the run directories under `root` ({} before the first)."""
+    found = sorted(root.glob("outputs/**/checkpoints/last.pt.json"), key=lambda p: p.stat().st_mtime)
+    with contextlib.suppress(IndexError, OSError, ValueError):  # none yet, or caught mid-write
+        return json.loads(found[-1].read_text())
+    return {}
+
+
+def signal_when(
+    root: Path, data: Path, overrides: list[str], ready: Callable[[], bool], signum: int = signal.SIGKILL
+) -> None:
+    """Start a run, send it `signum` as soon as `ready()` holds (failing if it ended first)."""
+    proc = subprocess.Popen(
+        command(root, data, *overrides),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signum)
+    proc.wait()
+
+
 def _final_parameters(root: Path) -> dict[str, torch.Tensor]:
     (last,) = sorted(root.glob("outputs/**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)[-1:]
     return torch.load(last, weights_only=False)["model"]
@@ -146,23 +174,8 @@ def test_kill_and_resume_continues_exactly(tmp_path, data_dir, signum, status):
     expected = _final_parameters(tmp_path / "straight")
 
     root = tmp_path / "killed"
-    proc = subprocess.Popen(
-        command(root, data_dir, *common),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    step = 0
-    while step < 11 and time.time() < deadline and proc.poll() is None:  # mid-way through the second epoch
-        for sidecar in root.glob("outputs/**/checkpoints/last.pt.json"):
-            with contextlib.suppress(OSError, ValueError):  # caught mid-write
-                step = json.loads(sidecar.read_text())["global_step"]
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signum)
-    proc.wait()
+    # mid-way through the second epoch
+    signal_when(root, data_dir, common, lambda: last_sidecar(root).get("global_step", 0) >= 11, signum)
     (killed_run,) = runs(root)
     assert killed_run.info.status == status  # SIGKILL leaves no chance to close; a scheduler's SIGTERM does
 
