@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import awkward as ak
+import h5py
 import numpy as np
 import pytest
 import uproot
@@ -170,11 +171,18 @@ def test_rpc_hits_count_for_their_muon_unless_rpc_is_removed(dump_dir, tmp_path)
     assert summary["muons_kept"] == 4 and summary["muons_failing"] == {"pt": 1, "eta": 1, "num_hits": 1}
 
 
-def test_cut_thresholds_are_options(dump_dir, tmp_path, capsys):
-    prepare_main(["root", "--input", str(dump_dir), "--output", str(tmp_path / "ds"), "--pt-threshold", "2"])
-    assert capsys.readouterr().out.strip().endswith("ds")
-    summary = _metadata(tmp_path / "ds")["processing_summary"]
+def test_cut_thresholds_and_compression_are_options(dump_dir, tmp_path, capsys):
+    out = tmp_path / "ds"
+    prepare_main(
+        ["root", "--input", str(dump_dir), "--output", str(out), "--pt-threshold", "2", "--uncompressed"]
+    )
+    assert capsys.readouterr().out.strip() == str(out)
+    summary = _metadata(out)["processing_summary"]
     assert summary["muons_failing"]["pt"] == 0 and summary["muons_kept"] == 5
+    with h5py.File(out / "data" / "run1.h5") as f:
+        assert f["hits"].compression is None and f["hits"].chunks[0] == 1
+    with h5py.File(prepare_root(dump_dir, tmp_path / "gz", progress=False) / "data" / "run1.h5") as f:
+        assert f["hits"].compression == "gzip"
 
 
 def _broken_copy(good: Path, name: str) -> Path:

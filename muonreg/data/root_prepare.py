@@ -216,7 +216,7 @@ def _number_workers(counter: mp.Value) -> None:
         counter.value += 1
 
 
-def prepare_file(source: Path, tmp_dir: Path, cuts: Cuts) -> FileResult:
+def prepare_file(source: Path, tmp_dir: Path, cuts: Cuts, compression: str | None = "gzip") -> FileResult:
     """Read, cut and write one ROOT file as `data/<stem>.h5` inside the dataset being written."""
     events, counts = apply_cuts(source, read_events(source), cuts)
     name = None
@@ -229,16 +229,17 @@ def prepare_file(source: Path, tmp_dir: Path, cuts: Cuts) -> FileResult:
             events.numbers,
             hit_features=HIT_FEATURES,
             track_features=TRACK_FEATURES,
+            compression=compression,
         )
     return FileResult(source, name, counts, _worker_id)
 
 
-def _results(sources: list[Path], tmp_dir: Path, cuts: Cuts, workers: int):
+def _results(sources: list[Path], tmp_dir: Path, cuts: Cuts, compression: str | None, workers: int):
     """(source, FileResult or RootFileError) per file, as they finish; other errors propagate."""
     if workers == 1:
         for source in sources:
             try:
-                yield source, prepare_file(source, tmp_dir, cuts)
+                yield source, prepare_file(source, tmp_dir, cuts, compression)
             except RootFileError as err:
                 yield source, err
         return
@@ -246,7 +247,9 @@ def _results(sources: list[Path], tmp_dir: Path, cuts: Cuts, workers: int):
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_number_workers, initargs=(context.Value("i", 0),)
     ) as pool:
-        pending = {pool.submit(prepare_file, source, tmp_dir, cuts): source for source in sources}
+        pending = {
+            pool.submit(prepare_file, source, tmp_dir, cuts, compression): source for source in sources
+        }
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -267,9 +270,12 @@ def prepare_root(
     cuts: Cuts | None = None,
     workers: int = 1,
     on_error: str = "fail",
+    compression: str | None = "gzip",
     progress: bool = True,
 ) -> Path:
-    """Prepare every `*.root` file of `input_dir` into a dataset at `output_dir`; return its path."""
+    """Prepare every `*.root` file of `input_dir` into a dataset at `output_dir`; return its path.
+    `compression`: "gzip" as the reference's stage-1 files, or None (chunked per event: about 2.4x
+    larger, written and read several times faster)."""
     cuts = cuts or Cuts()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if on_error not in ON_ERROR:
@@ -287,7 +293,9 @@ def prepare_root(
         DatasetWriter(output_dir, processing_parameters=asdict(cuts), source="") as writer,
         tqdm(total=len(sources), desc="preparing", unit="file", disable=not progress) as bar,
     ):
-        for source, result in _results(sources, writer.tmp_dir, cuts, min(workers, len(sources))):
+        for source, result in _results(
+            sources, writer.tmp_dir, cuts, compression, min(workers, len(sources))
+        ):
             if isinstance(result, RootFileError):
                 if on_error == "fail":
                     raise result
@@ -340,10 +348,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fail",
         help="an unreadable ROOT file stops the run (fail) or is skipped and listed in metadata.yaml (skip)",
     )
+    parser.add_argument(
+        "--uncompressed",
+        action="store_true",
+        help="chunked, uncompressed HDF5 (faster, ~2.4x larger than gzip)",
+    )
 
 
 def run(args: argparse.Namespace) -> Path:
     """`muonreg-prepare root` with parsed `args`; user errors leave as one line naming the problem."""
     cuts = Cuts(args.pt_threshold, args.eta_threshold, args.num_hits_threshold, args.no_NSW, args.no_RPC)
     with exit_on_user_errors():
-        return prepare_root(args.input, args.output, cuts, args.workers, args.on_error)
+        compression = None if args.uncompressed else "gzip"
+        return prepare_root(args.input, args.output, cuts, args.workers, args.on_error, compression)
