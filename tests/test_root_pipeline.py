@@ -76,16 +76,19 @@ def _hit_columns(hits: list[tuple[int, int]], entry: int) -> np.ndarray:
     return rows
 
 
-def write_dump(path: Path, events=EVENTS, drop_branch: str | None = None) -> Path:
+def write_dump(
+    path: Path, events=EVENTS, drop_branch: str | None = None, short_branch: str | None = None
+) -> Path:
     """A hit-dump ROOT file in the ATLAS tree layout, written with plain uproot; a second tree after
-    it checks that the first tree is the one read."""
+    it checks that the first tree is the one read. `drop_branch` is left out, `short_branch` is
+    written on its own with the last hit of entry 0 missing."""
     rows = [_hit_columns(hits, e) for e, (hits, _, _) in enumerate(events)]
     counts = [len(r) for r in rows]
     flat = np.concatenate(rows)
     hit_fields = {
         name.removeprefix("spacePoint_"): ak.unflatten(flat[:, COL[name]].astype(HIT_TYPES[name]), counts)
         for name in HIT_FEATURES
-        if name != drop_branch
+        if name not in (drop_branch, short_branch)
     }
     muons = [np.array(m, dtype=np.float64).reshape(-1, 4) for _, m, _ in events]
     mu = np.concatenate(muons)
@@ -99,6 +102,9 @@ def write_dump(path: Path, events=EVENTS, drop_branch: str | None = None) -> Pat
         "truthMuon": ak.zip(muon_fields),
         "eventNumber": np.array([n for _, _, n in events], dtype=np.uint64),
     }
+    if short_branch is not None:
+        values = ak.unflatten(flat[:, COL[short_branch]].astype(HIT_TYPES[short_branch]), counts)
+        data[short_branch] = ak.concatenate([values[:1, :-1], values[1:]])
     with uproot.recreate(path) as f:
         f.mktree("MuonHitDump", {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in data.items()})
         f["MuonHitDump"].extend(data)
@@ -225,6 +231,12 @@ def test_missing_branch_and_impossible_truth_link_name_file_and_problem(tmp_path
     write_dump(tmp_path / "a" / "old.root", drop_branch="spacePoint_covYY")
     with pytest.raises(RootFileError, match=r"old\.root: tree MuonHitDump has no branch spacePoint_covYY"):
         prepare_root(tmp_path / "a", tmp_path / "ds", progress=False)
+    (tmp_path / "c").mkdir()
+    write_dump(tmp_path / "c" / "odd.root", short_branch="spacePoint_driftR")
+    with pytest.raises(
+        RootFileError, match=r"odd\.root: entry 0: branch spacePoint_driftR has a different length"
+    ):
+        prepare_root(tmp_path / "c", tmp_path / "ds", progress=False)
     (tmp_path / "b").mkdir()
     write_dump(tmp_path / "b" / "bad.root", [([(MDT, 0), (MDT, 2)], [(20, 0, 0, 1)], 7)])
     with pytest.raises(

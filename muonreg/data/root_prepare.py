@@ -102,7 +102,7 @@ def _first_tree(path: Path, file: uproot.ReadOnlyDirectory) -> uproot.TTree:
     return file[trees[0]]
 
 
-def read_events(path: Path) -> dict[str, ak.Array]:
+def read_events(path: Path) -> ak.Array:
     """The branches the preparation needs, from the first tree of `path`."""
     names = [*HIT_FEATURES, *TRACK_FEATURES, root_layout.EVENT_NUMBER]
     try:
@@ -121,15 +121,23 @@ def read_events(path: Path) -> dict[str, ak.Array]:
         ) from err
 
 
-def _flat(arrays: dict[str, ak.Array], names: tuple[str, ...]) -> np.ndarray:
+def _flat(arrays: ak.Array, names: tuple[str, ...]) -> np.ndarray:
     """Jagged branches as one float32 table [total entries, len(names)]."""
     return np.column_stack([ak.to_numpy(ak.flatten(arrays[name])).astype(np.float32) for name in names])
 
 
-def apply_cuts(path: Path, arrays: dict[str, ak.Array], cuts: Cuts) -> tuple[Events, Counts]:
+def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts]:
     """The events of one file that pass `cuts`, relabelled and renumbered, and what the cuts removed."""
-    hit_counts = ak.to_numpy(ak.num(arrays[TRUTH_LINK])).astype(np.int64)
-    muon_counts = ak.to_numpy(ak.num(arrays[TRACK_FEATURES[0]])).astype(np.int64)
+    hit_counts = ak.to_numpy(ak.num(arrays[HIT_FEATURES[-1]])).astype(np.int64)
+    muon_counts = ak.to_numpy(ak.num(arrays[TRACK_FEATURES[-1]])).astype(np.int64)
+    for names, counts in ((HIT_FEATURES, hit_counts), (TRACK_FEATURES, muon_counts)):
+        for name in names:
+            lengths = ak.to_numpy(ak.num(arrays[name]))
+            if not np.array_equal(lengths, counts):
+                entry = int(np.argmax(lengths != counts))
+                raise RootFileError(
+                    f"{path}: entry {entry}: branch {name} has a different length from {names[-1]}"
+                )
     n_events = len(hit_counts)
     hits = _flat(arrays, HIT_FEATURES)
     muons = _flat(arrays, TRACK_FEATURES)
