@@ -3,21 +3,23 @@
     python bench/root_prepare_throughput.py [--events 400] [--files 4] [--pileup 200] [--seed 0]
 
 Simulates the ROOT files once (`muonreg-simulate --format root`, cached under bench/out), then runs
-`muonreg-prepare root` on them with 1 and with 2 worker processes (one file per task), writing gzip
-files (the default, as the reference) and uncompressed ones (`--uncompressed`). Prints
-`root_prepare_events_per_s_<N>workers_<compression>: X` and the hits per second behind it.
+`python -m muonreg.prepare root` on them, as a user does (interpreter start included), with 1 and
+with 2 worker processes (one file per task), writing gzip files (the default, as the reference) and
+uncompressed ones (`--uncompressed`). Prints `root_prepare_events_per_s_<N>workers_<compression>: X`,
+the hits per second behind it, and the load average (other jobs on the CPU) before each run.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import time
 
 from common import OUT, arguments, header
 
 from muonreg.data.format import DatasetReader
-from muonreg.data.root_prepare import prepare_root
 from muonreg.data.simulate_root import write_simulated_root
 
 
@@ -32,17 +34,21 @@ def main() -> None:
         start = time.perf_counter()
         write_simulated_root(source, args.events, args.seed, args.files, args.pileup, progress=False)
         print(f"simulate_root_events_per_s: {args.events / (time.perf_counter() - start):.0f}")
-    for workers, compression in ((1, "gzip"), (2, "gzip"), (1, None), (2, None)):
+    for workers, compression in ((1, "gzip"), (2, "gzip"), (1, "uncompressed"), (2, "uncompressed")):
         out = OUT / f"{source.name}-prepared-{workers}w"
         shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "muonreg.prepare", "root", f"--input={source}", f"--output={out}"]
+        command += [f"--workers={workers}"] + (["--uncompressed"] if compression == "uncompressed" else [])
+        load = os.getloadavg()[0]
         start = time.perf_counter()
-        prepare_root(source, out, workers=workers, compression=compression, progress=False)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
         reader = DatasetReader(out)
         hits = int(reader.num_hits().sum())
         print(
-            f"root_prepare_events_per_s_{workers}workers_{compression or 'uncompressed'}: {len(reader) / seconds:.0f} "
-            f"({hits / seconds / 1e6:.2f} M hits/s, {hits / len(reader):.0f} hits/event, {seconds:.1f} s)"
+            f"root_prepare_events_per_s_{workers}workers_{compression}: {len(reader) / seconds:.0f} "
+            f"({hits / seconds / 1e6:.2f} M hits/s, {hits / len(reader):.0f} hits/event, {seconds:.1f} s, "
+            f"load average {load:.1f})"
         )
         shutil.rmtree(out)
 

@@ -342,3 +342,13 @@ def test_killed_prepare_leaves_no_dataset_and_the_rerun_completes(tmp_path):
     assert not out.exists() and not is_dataset(out)
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert is_dataset(out) and len(DatasetReader(out)) == 48 and not (tmp_path / "ds.partial").exists()
+
+
+def test_simulate_command_keeps_hdf5_as_its_default_and_pileup_needs_root(tmp_path, capsys):
+    from muonreg.data.simulate_cli import main as simulate_main
+
+    simulate_main(["--events", "5", "--out", str(tmp_path / "h5")])
+    assert is_dataset(tmp_path / "h5") and len(DatasetReader(tmp_path / "h5")) == 5
+    with pytest.raises(SystemExit):
+        simulate_main(["--events", "5", "--out", str(tmp_path / "x"), "--pileup", "200"])
+    assert "--pileup needs --format root" in capsys.readouterr().err and not (tmp_path / "x").exists()
