@@ -126,21 +126,31 @@ def _flat(arrays: ak.Array, names: tuple[str, ...]) -> np.ndarray:
     return np.column_stack([ak.to_numpy(ak.flatten(arrays[name])).astype(np.float32) for name in names])
 
 
-def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts]:
-    """The events of one file that pass `cuts`, relabelled and renumbered, and what the cuts removed."""
-    hit_counts = ak.to_numpy(ak.num(arrays[HIT_FEATURES[-1]])).astype(np.int64)
-    muon_counts = ak.to_numpy(ak.num(arrays[TRACK_FEATURES[-1]])).astype(np.int64)
-    for names, counts in ((HIT_FEATURES, hit_counts), (TRACK_FEATURES, muon_counts)):
+def _entry_lengths(path: Path, arrays: ak.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Hits and muons per entry, after checking that every branch of a group agrees on them."""
+    lengths = []
+    for names in (HIT_FEATURES, TRACK_FEATURES):
+        counts = ak.to_numpy(ak.num(arrays[names[-1]])).astype(np.int64)
         for name in names:
-            lengths = ak.to_numpy(ak.num(arrays[name]))
-            if not np.array_equal(lengths, counts):
-                entry = int(np.argmax(lengths != counts))
+            mine = ak.to_numpy(ak.num(arrays[name]))
+            if not np.array_equal(mine, counts):
+                entry = int(np.argmax(mine != counts))
                 raise RootFileError(
                     f"{path}: entry {entry}: branch {name} has a different length from {names[-1]}"
                 )
-    n_events = len(hit_counts)
+        lengths.append(counts)
+    return lengths[0], lengths[1]
+
+
+def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts]:
+    """The events of one file that pass `cuts`, relabelled and renumbered, and what the cuts removed.
+    Takes `arrays` over: it is freed as soon as it is copied into flat tables (pile-up files are large)."""
+    hit_counts, muon_counts = _entry_lengths(path, arrays)
+    all_numbers = ak.to_numpy(arrays[root_layout.EVENT_NUMBER])
     hits = _flat(arrays, HIT_FEATURES)
     muons = _flat(arrays, TRACK_FEATURES)
+    del arrays
+    n_events = len(hit_counts)
     event = np.repeat(np.arange(n_events), hit_counts)
     muon_event = np.repeat(np.arange(n_events), muon_counts)
     muon_start = np.concatenate([[0], np.cumsum(muon_counts)])[:-1]
@@ -178,9 +188,10 @@ def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts
 
     rows = kept_hit & kept_event[event]
     out_hits, out_event = hits[rows], event[rows]
+    del hits
     out_tracks, out_muon_event = muons[kept_muon], muon_event[kept_muon]
     kept_ids = np.flatnonzero(kept_event)
-    numbers = ak.to_numpy(arrays[root_layout.EVENT_NUMBER])[kept_ids]
+    numbers = all_numbers[kept_ids]
     if len(numbers) and numbers.max() > np.iinfo(np.int64).max:
         raise RootFileError(
             f"{path}: {root_layout.EVENT_NUMBER} {numbers.max()} does not fit the layout's int64"
