@@ -177,6 +177,29 @@ def test_rpc_hits_count_for_their_muon_unless_rpc_is_removed(dump_dir, tmp_path)
     assert summary["muons_kept"] == 4 and summary["muons_failing"] == {"pt": 1, "eta": 1, "num_hits": 1}
 
 
+def test_no_nsw_removes_stgc_and_mm_hits_before_the_hit_count_cut(tmp_path):
+    stgc, mm = int(Technology.STGC), int(Technology.MM)
+    event = ([(stgc, 0), (mm, 0), (MDT, 0), (MDT, 0), (MDT, 0), (mm, -1), (MDT, -1)], [(12, 2.0, 0.3, 1)], 9)
+    (tmp_path / "in").mkdir()
+    write_dump(tmp_path / "in" / "nsw.root", [event])
+    kept = DatasetReader(
+        prepare_root(tmp_path / "in", tmp_path / "a", Cuts(no_NSW=True), progress=False)
+    ).read(0)
+    np.testing.assert_array_equal(kept.hits[:, COL["spacePoint_time"]], [2, 3, 4, 6])
+    np.testing.assert_array_equal(kept.hits[:, COL["spacePoint_truthLink"]], [0, 0, 0, -1])
+    with pytest.raises(Exception, match="no event passed the cuts"):
+        prepare_root(tmp_path / "in", tmp_path / "b", Cuts(num_hits_threshold=4, no_NSW=True), progress=False)
+    assert not (tmp_path / "b").exists()
+    assert (
+        len(
+            DatasetReader(
+                prepare_root(tmp_path / "in", tmp_path / "c", Cuts(num_hits_threshold=4), progress=False)
+            )
+        )
+        == 1
+    )
+
+
 def test_cut_thresholds_and_compression_are_options(dump_dir, tmp_path, capsys):
     out = tmp_path / "ds"
     prepare_main(
