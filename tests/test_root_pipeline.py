@@ -152,7 +152,7 @@ def test_cuts_relabel_failing_muons_and_renumber_the_rest(dump_dir, tmp_path):
     }
     assert meta["event_mapping"]["chunk_summary"] == [
         {
-            "h5_file": "data/run1.h5",
+            "h5_file": "data/run1_0000.h5",
             "source_root_file": str(dump_dir / "run1.root"),
             "event_count": 3,
             "worker_id": 0,
@@ -164,6 +164,24 @@ def test_cuts_relabel_failing_muons_and_renumber_the_rest(dump_dir, tmp_path):
     assert (summary["muons_seen"], summary["muons_kept"], summary["muons_dropped"]) == (7, 3, 4)
     assert summary["muons_failing"] == {"pt": 1, "eta": 1, "num_hits": 2}
     assert summary["hits_kept"] == 21 and summary["files_skipped"] == []
+
+
+def test_a_file_is_prepared_in_blocks_of_entries_with_the_same_events(dump_dir, tmp_path):
+    whole = DatasetReader(prepare_root(dump_dir, tmp_path / "whole", progress=False))
+    blocks = DatasetReader(prepare_root(dump_dir, tmp_path / "blocks", events_per_file=2, progress=False))
+    # entries 0-1 give two events, 2-3 one (102 fails), 4 none: no file for the last block
+    assert [(c["h5_file"], c["event_count"]) for c in blocks.chunks] == [
+        ("data/run1_0000.h5", 2),
+        ("data/run1_0001.h5", 1),
+    ]
+    assert len(blocks) == len(whole) == 3
+    for i in range(3):
+        np.testing.assert_array_equal(blocks.read(i).hits, whole.read(i).hits)
+        np.testing.assert_array_equal(blocks.read(i).tracks, whole.read(i).tracks)
+    assert (
+        _metadata(tmp_path / "blocks")["processing_summary"]
+        == _metadata(tmp_path / "whole")["processing_summary"]
+    )
 
 
 def test_rpc_hits_count_for_their_muon_unless_rpc_is_removed(dump_dir, tmp_path):
@@ -208,9 +226,9 @@ def test_cut_thresholds_and_compression_are_options(dump_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     summary = _metadata(out)["processing_summary"]
     assert summary["muons_failing"]["pt"] == 0 and summary["muons_kept"] == 5
-    with h5py.File(out / "data" / "run1.h5") as f:
+    with h5py.File(out / "data" / "run1_0000.h5") as f:
         assert f["hits"].compression is None and f["hits"].chunks[0] == 1
-    with h5py.File(prepare_root(dump_dir, tmp_path / "gz", progress=False) / "data" / "run1.h5") as f:
+    with h5py.File(prepare_root(dump_dir, tmp_path / "gz", progress=False) / "data" / "run1_0000.h5") as f:
         assert f["hits"].compression == "gzip"
 
 
@@ -261,11 +279,12 @@ def test_missing_branch_and_impossible_truth_link_name_file_and_problem(tmp_path
     ):
         prepare_root(tmp_path / "c", tmp_path / "ds", progress=False)
     (tmp_path / "b").mkdir()
-    write_dump(tmp_path / "b" / "bad.root", [([(MDT, 0), (MDT, 2)], [(20, 0, 0, 1)], 7)])
+    good = ([(MDT, 0)] * 3, [(20, 0, 0, 1)], 6)
+    write_dump(tmp_path / "b" / "bad.root", [good, good, ([(MDT, 0), (MDT, 2)], [(20, 0, 0, 1)], 7)])
     with pytest.raises(
-        RootFileError, match=r"bad\.root: entry 0: spacePoint_truthLink=2 but the entry has 1"
+        RootFileError, match=r"bad\.root: entry 2: spacePoint_truthLink=2 but the entry has 1"
     ):
-        prepare_root(tmp_path / "b", tmp_path / "ds", progress=False)
+        prepare_root(tmp_path / "b", tmp_path / "ds", events_per_file=2, progress=False)
     with pytest.raises(Exception, match=r"no \*\.root files"):
         prepare_root(tmp_path, tmp_path / "ds", progress=False)
 

@@ -10,8 +10,9 @@ Follows the reference preparation (hepattn `atlas_muon/prep_events_multiprocess.
    num_hits_threshold hits; its hits become background (truthLink -1);
 3. the remaining muons are renumbered 0..n-1 in their original order (truthLink follows) and are
    the event's tracks; an event left without a muon is dropped.
-No hit limit: pre-filter events have thousands of hits. Each source file becomes `data/<stem>.h5`,
-named with its ROOT file in `event_mapping.chunk_summary`; metadata.yaml records the cuts
+No hit limit: pre-filter events have thousands of hits. A source file is read and written in blocks
+of 500 entries (bounded memory), each `data/<stem>_<block>.h5`, named with its ROOT file in
+`event_mapping.chunk_summary`; metadata.yaml records the cuts
 (`processing_parameters`, the reference's key names) and what each cut removed
 (`processing_summary`). A muon failing several cuts counts once under each, once in the total.
 Truth muons without a single hit are not muons of the event, as in the reference.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,9 @@ from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_
 from muonreg.errors import UserError, exit_on_user_errors
 
 ON_ERROR = ("fail", "skip")
+BRANCHES = [*HIT_FEATURES, *TRACK_FEATURES, root_layout.EVENT_NUMBER]
+# Entries read, cut and written together (one data/*.h5 each): bounds a worker's memory, ~1 GB at PU200.
+EVENTS_PER_FILE = 500
 _LINK = HIT_FEATURES.index(TRUTH_LINK)
 _TECHNOLOGY = HIT_FEATURES.index("spacePoint_technology")
 _PT, _ETA = TRACK_FEATURES.index("truthMuon_pt"), TRACK_FEATURES.index("truthMuon_eta")
@@ -102,23 +108,38 @@ def _first_tree(path: Path, file: uproot.ReadOnlyDirectory) -> uproot.TTree:
     return file[trees[0]]
 
 
-def read_events(path: Path) -> ak.Array:
-    """The branches the preparation needs, from the first tree of `path`."""
-    names = [*HIT_FEATURES, *TRACK_FEATURES, root_layout.EVENT_NUMBER]
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """uproot reports a damaged file as OSError, ValueError or errors of its own: name the file."""
     try:
-        with uproot.open(path) as file:
-            tree = _first_tree(path, file)
-            missing = [name for name in names if name not in tree]
-            if missing:
-                raise RootFileError(f"{path}: tree {tree.name} has no branch {', '.join(missing)}")
-            return tree.arrays(names, library="ak")
+        yield
     except RootFileError:
         raise
-    except Exception as err:  # uproot reports damage as OSError, ValueError or its own errors
+    except Exception as err:
         message = " ".join(str(err).split())
         raise RootFileError(
             f"{path}: cannot be read, the file is corrupt or truncated ({type(err).__name__}: {message})"
         ) from err
+
+
+@contextmanager
+def open_tree(path: Path) -> Iterator[uproot.TTree]:
+    """The first tree of `path`, checked for the branches the preparation reads."""
+    with _reading(path):
+        file = uproot.open(path)
+    with file:
+        with _reading(path):
+            tree = _first_tree(path, file)
+        missing = [name for name in BRANCHES if name not in tree]
+        if missing:
+            raise RootFileError(f"{path}: tree {tree.name} has no branch {', '.join(missing)}")
+        yield tree
+
+
+def read_block(path: Path, tree: uproot.TTree, start: int, stop: int) -> ak.Array:
+    """Entries start..stop-1 of the branches the preparation reads."""
+    with _reading(path):
+        return tree.arrays(BRANCHES, entry_start=start, entry_stop=stop, library="ak")
 
 
 def _flat(arrays: ak.Array, names: tuple[str, ...]) -> np.ndarray:
@@ -126,7 +147,7 @@ def _flat(arrays: ak.Array, names: tuple[str, ...]) -> np.ndarray:
     return np.column_stack([ak.to_numpy(ak.flatten(arrays[name])).astype(np.float32) for name in names])
 
 
-def _entry_lengths(path: Path, arrays: ak.Array) -> tuple[np.ndarray, np.ndarray]:
+def _entry_lengths(path: Path, arrays: ak.Array, first_entry: int) -> tuple[np.ndarray, np.ndarray]:
     """Hits and muons per entry, after checking that every branch of a group agrees on them."""
     lengths = []
     for names in (HIT_FEATURES, TRACK_FEATURES):
@@ -134,7 +155,7 @@ def _entry_lengths(path: Path, arrays: ak.Array) -> tuple[np.ndarray, np.ndarray
         for name in names:
             mine = ak.to_numpy(ak.num(arrays[name]))
             if not np.array_equal(mine, counts):
-                entry = int(np.argmax(mine != counts))
+                entry = first_entry + int(np.argmax(mine != counts))
                 raise RootFileError(
                     f"{path}: entry {entry}: branch {name} has a different length from {names[-1]}"
                 )
@@ -142,10 +163,11 @@ def _entry_lengths(path: Path, arrays: ak.Array) -> tuple[np.ndarray, np.ndarray
     return lengths[0], lengths[1]
 
 
-def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts]:
-    """The events of one file that pass `cuts`, relabelled and renumbered, and what the cuts removed.
-    Takes `arrays` over: it is freed as soon as it is copied into flat tables (pile-up files are large)."""
-    hit_counts, muon_counts = _entry_lengths(path, arrays)
+def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts, first_entry: int = 0) -> tuple[Events, Counts]:
+    """The events of a block of entries (from `first_entry` of `path`) that pass `cuts`, relabelled and
+    renumbered, and what the cuts removed. Takes `arrays` over: it is freed as soon as it is copied
+    into flat tables (pile-up events are large)."""
+    hit_counts, muon_counts = _entry_lengths(path, arrays, first_entry)
     all_numbers = ak.to_numpy(arrays[root_layout.EVENT_NUMBER])
     hits = _flat(arrays, HIT_FEATURES)
     muons = _flat(arrays, TRACK_FEATURES)
@@ -160,7 +182,8 @@ def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts
     if bad.any():
         i = int(np.argmax(bad))
         raise RootFileError(
-            f"{path}: entry {event[i]}: {TRUTH_LINK}={link[i]} but the entry has {muon_counts[event[i]]} "
+            f"{path}: entry {first_entry + event[i]}: {TRUTH_LINK}={link[i]} but the entry has "
+            f"{muon_counts[event[i]]} "
             "truthMuon entries"
         )
     linked = link >= 0
@@ -183,8 +206,10 @@ def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts
     # renumber the kept muons 0..n-1 within their event, in their original order
     first_of_event = np.concatenate([[0], np.cumsum(muons_per_event)])[:-1]
     new_index = np.cumsum(kept_muon) - 1 - first_of_event[muon_event]
-    hit_muon_kept = linked & kept_muon[np.maximum(muon_of_hit, 0)]
-    hits[:, _LINK] = np.where(hit_muon_kept, new_index[np.maximum(muon_of_hit, 0)], NOISE_LINK)
+    on_kept_muon = linked.copy()
+    on_kept_muon[linked] = kept_muon[muon_of_hit[linked]]
+    hits[:, _LINK] = NOISE_LINK
+    hits[on_kept_muon, _LINK] = new_index[muon_of_hit[on_kept_muon]]
 
     rows = kept_hit & kept_event[event]
     out_hits, out_event = hits[rows], event[rows]
@@ -216,10 +241,10 @@ def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts) -> tuple[Events, Counts
 
 @dataclass
 class FileResult:
-    """A prepared source file: its data file (None when no event passed) and counts."""
+    """A prepared source file: its data files (name, events; none when no event passed) and counts."""
 
     source: Path
-    h5_name: str | None
+    files: list[tuple[str, int]]
     counts: Counts
     worker_id: int
 
@@ -235,30 +260,41 @@ def _number_workers(counter: mp.Value) -> None:
         counter.value += 1
 
 
-def prepare_file(source: Path, tmp_dir: Path, cuts: Cuts, compression: str | None = "gzip") -> FileResult:
-    """Read, cut and write one ROOT file as `data/<stem>.h5` inside the dataset being written."""
-    events, counts = apply_cuts(source, read_events(source), cuts)
-    name = None
-    if counts.events_kept:
-        name = f"data/{source.stem}.h5"
-        write_event_file(
-            tmp_dir / name,
-            events.hits,
-            events.tracks,
-            events.numbers,
-            hit_features=HIT_FEATURES,
-            track_features=TRACK_FEATURES,
-            compression=compression,
-        )
-    return FileResult(source, name, counts, _worker_id)
+def prepare_file(
+    source: Path, tmp_dir: Path, cuts: Cuts, compression: str | None, events_per_file: int
+) -> FileResult:
+    """Read, cut and write one ROOT file, block by block of `events_per_file` entries, as
+    `data/<stem>_<block>.h5` inside the dataset being written (blocks without events are not written)."""
+    files, total = [], Counts()
+    with open_tree(source) as tree:
+        for block, start in enumerate(range(0, tree.num_entries, events_per_file)):
+            # the block goes straight to apply_cuts, which frees it once copied: one block in memory
+            events, counts = apply_cuts(
+                source, read_block(source, tree, start, start + events_per_file), cuts, start
+            )
+            total.add(counts)
+            if counts.events_kept:
+                name = f"data/{source.stem}_{block:04d}.h5"
+                write_event_file(
+                    tmp_dir / name,
+                    events.hits,
+                    events.tracks,
+                    events.numbers,
+                    hit_features=HIT_FEATURES,
+                    track_features=TRACK_FEATURES,
+                    compression=compression,
+                )
+                files.append((name, counts.events_kept))
+    return FileResult(source, files, total, _worker_id)
 
 
-def _results(sources: list[Path], tmp_dir: Path, cuts: Cuts, compression: str | None, workers: int):
-    """(source, FileResult or RootFileError) per file, as they finish; other errors propagate."""
+def _results(sources: list[Path], tmp_dir: Path, workers: int, *task: object):
+    """(source, FileResult or RootFileError) per file, as they finish; other errors propagate.
+    `task`: prepare_file's arguments after the directory."""
     if workers == 1:
         for source in sources:
             try:
-                yield source, prepare_file(source, tmp_dir, cuts, compression)
+                yield source, prepare_file(source, tmp_dir, *task)
             except RootFileError as err:
                 yield source, err
         return
@@ -266,9 +302,7 @@ def _results(sources: list[Path], tmp_dir: Path, cuts: Cuts, compression: str | 
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_number_workers, initargs=(context.Value("i", 0),)
     ) as pool:
-        pending = {
-            pool.submit(prepare_file, source, tmp_dir, cuts, compression): source for source in sources
-        }
+        pending = {pool.submit(prepare_file, source, tmp_dir, *task): source for source in sources}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -290,17 +324,19 @@ def prepare_root(
     workers: int = 1,
     on_error: str = "fail",
     compression: str | None = "gzip",
+    events_per_file: int = EVENTS_PER_FILE,
     progress: bool = True,
 ) -> Path:
     """Prepare every `*.root` file of `input_dir` into a dataset at `output_dir`; return its path.
     `compression`: "gzip" as the reference's stage-1 files, or None (chunked per event: about 2.4x
-    larger, written and read several times faster)."""
+    larger, written and read several times faster). Each source file is read and written in blocks
+    of `events_per_file` entries, one `data/<stem>_<block>.h5` each."""
     cuts = cuts or Cuts()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if on_error not in ON_ERROR:
         raise UserError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
-    if workers < 1:
-        raise UserError(f"workers={workers} must be at least 1")
+    if workers < 1 or events_per_file < 1:
+        raise UserError(f"workers={workers} and events_per_file={events_per_file} must be at least 1")
     sources = sorted(input_dir.glob("*.root"))
     if not sources:
         raise UserError(f"{input_dir}: no *.root files")
@@ -313,7 +349,7 @@ def prepare_root(
         tqdm(total=len(sources), desc="preparing", unit="file", disable=not progress) as bar,
     ):
         for source, result in _results(
-            sources, writer.tmp_dir, cuts, compression, min(workers, len(sources))
+            sources, writer.tmp_dir, min(workers, len(sources)), cuts, compression, events_per_file
         ):
             if isinstance(result, RootFileError):
                 if on_error == "fail":
@@ -331,8 +367,8 @@ def prepare_root(
             )
         for source in sources:  # input order, whatever order the workers finished in
             result = results.get(source)
-            if result is not None and result.h5_name is not None:
-                writer.add_file(result.h5_name, result.counts.events_kept, str(source), result.worker_id)
+            for name, events in result.files if result is not None else ():
+                writer.add_file(name, events, str(source), result.worker_id)
         writer.processing_summary = {
             "files_seen": len(sources),
             "files_prepared": len(results),
