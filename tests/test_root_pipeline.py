@@ -394,3 +394,12 @@ def test_simulate_command_keeps_hdf5_as_its_default_and_pileup_needs_root(tmp_pa
     with pytest.raises(SystemExit):
         simulate_main(["--events", "5", "--out", str(tmp_path / "x"), "--pileup", "200"])
     assert "--pileup needs --format root" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_file_failing_part_way_leaves_none_of_its_blocks_when_skipped(dump_dir, tmp_path):
+    good = ([(MDT, 0)] * 3, [(20, 0, 0, 1)], 6)
+    write_dump(dump_dir / "late.root", [good, good, ([(MDT, 0), (MDT, 2)], [(20, 0, 0, 1)], 7)])
+    out = prepare_root(dump_dir, tmp_path / "ds", on_error="skip", events_per_file=2, progress=False)
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["run1_0000.h5", "run1_0001.h5"]
+    skipped = _metadata(out)["processing_summary"]["files_skipped"]
+    assert [s["file"] for s in skipped] == [str(dump_dir / "late.root")] and "entry 2" in skipped[0]["error"]

@@ -266,25 +266,30 @@ def prepare_file(
     """Read, cut and write one ROOT file, block by block of `events_per_file` entries, as
     `data/<stem>_<block>.h5` inside the dataset being written (blocks without events are not written)."""
     files, total = [], Counts()
-    with open_tree(source) as tree:
-        for block, start in enumerate(range(0, tree.num_entries, events_per_file)):
-            # the block goes straight to apply_cuts, which frees it once copied: one block in memory
-            events, counts = apply_cuts(
-                source, read_block(source, tree, start, start + events_per_file), cuts, start
-            )
-            total.add(counts)
-            if counts.events_kept:
-                name = f"data/{source.stem}_{block:04d}.h5"
-                write_event_file(
-                    tmp_dir / name,
-                    events.hits,
-                    events.tracks,
-                    events.numbers,
-                    hit_features=HIT_FEATURES,
-                    track_features=TRACK_FEATURES,
-                    compression=compression,
+    try:
+        with open_tree(source) as tree:
+            for block, start in enumerate(range(0, tree.num_entries, events_per_file)):
+                # the block goes straight to apply_cuts, which frees it once copied: one block in memory
+                events, counts = apply_cuts(
+                    source, read_block(source, tree, start, start + events_per_file), cuts, start
                 )
-                files.append((name, counts.events_kept))
+                total.add(counts)
+                if counts.events_kept:
+                    name = f"data/{source.stem}_{block:04d}.h5"
+                    write_event_file(
+                        tmp_dir / name,
+                        events.hits,
+                        events.tracks,
+                        events.numbers,
+                        hit_features=HIT_FEATURES,
+                        track_features=TRACK_FEATURES,
+                        compression=compression,
+                    )
+                    files.append((name, counts.events_kept))
+    except RootFileError:  # a file failing part-way leaves none of its blocks in the dataset
+        for name, _ in files:
+            (tmp_dir / name).unlink()
+        raise
     return FileResult(source, files, total, _worker_id)
 
 
