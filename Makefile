@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data train sweep ablation search compare predict export display ui test test-fast lint bench clean
+.PHONY: install data root-data train sweep ablation search compare predict export display ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 data: install
 	$(PY) -m muonreg.prepare default $(ARGS)
+
+root-data: install  # ATLAS ROOT hit dumps -> HDF5, e.g. make root-data ARGS="--input ntuples/ --output data/filter --workers 8"
+	$(PY) -m muonreg.prepare root $(ARGS)
 
 train: data
 	$(PY) train.py $(ARGS)
@@ -62,6 +65,7 @@ lint: install
 
 bench: install
 	$(PY) bench/simulator_throughput.py
+	$(PY) bench/root_prepare_throughput.py
 	$(PY) bench/fit_resolution.py
 	$(PY) bench/loader_throughput.py --workers 0
 	$(PY) bench/loader_throughput.py --workers 2

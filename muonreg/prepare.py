@@ -2,12 +2,16 @@
 
 default     simulate (once) the dataset that `python train.py` uses with the given overrides,
             e.g. `python -m muonreg.prepare default data.simulation.events=50000`; prints its path
+root        ATLAS hit-dump ROOT files -> a dataset in the hepattn layout (cuts, no hit limit),
+            e.g. `python -m muonreg.prepare root --input ntuples/ --output data/filter --workers 8`
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from muonreg.data import root_prepare
 
 
 def default_dataset(overrides: list[str] | None = None) -> Path:
@@ -28,9 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     default = commands.add_parser("default", help="simulate the dataset `python train.py` uses")
     default.add_argument("overrides", nargs="*", help="Hydra overrides, as given to train.py")
+    root_prepare.add_arguments(commands.add_parser("root", help="ATLAS hit-dump ROOT files -> a dataset"))
     args = parser.parse_args(argv)
     if args.command == "default":
         print(default_dataset(args.overrides))
+    elif args.command == "root":
+        print(root_prepare.run(args))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ METADATA = "metadata.yaml"
 FILE_INDICES = "event_file_indices.npy"
 ROW_INDICES = "event_row_indices.npy"
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 256, 1024  # rows read at once: the file's chunk height, within these bounds
+MAX_ROWS_PER_EVENT = np.iinfo(np.int16).max  # num_hits and num_tracks are stored as int16
 
 
 class DataFormatError(UserError, ValueError):
@@ -336,11 +337,50 @@ class DatasetReader:
 
 
 def _pad(arrays: Sequence[np.ndarray], width: int, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(a) for a in arrays], dtype=np.int16)
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    if len(lengths) and lengths.max() > MAX_ROWS_PER_EVENT:
+        raise ValueError(
+            f"event {int(lengths.argmax())} has {lengths.max()} rows; num_hits/num_tracks are int16 in the "
+            f"layout, so at most {MAX_ROWS_PER_EVENT} fit"
+        )
+    lengths = lengths.astype(np.int16)
     out = np.full((len(arrays), max(min_len, int(lengths.max(initial=0))), width), np.nan, dtype=np.float32)
     for i, a in enumerate(arrays):
         out[i, : len(a)] = a
     return out, lengths
+
+
+def write_event_file(
+    path: Path,
+    hits: Sequence[np.ndarray],
+    tracks: Sequence[np.ndarray],
+    event_numbers: Sequence[int],
+    *,
+    hit_features: Sequence[str],
+    track_features: Sequence[str],
+    compression: str | None = "gzip",
+) -> None:
+    """Write one HDF5 file of the layout from per-event unpadded arrays (usable from any process)."""
+    n = len(hits)
+    if not n == len(tracks) == len(event_numbers):
+        raise ValueError(
+            f"hits, tracks and event_numbers disagree in length ({n}, {len(tracks)}, {len(event_numbers)})"
+        )
+    hit_arr, num_hits = _pad(hits, len(hit_features))
+    track_arr, num_tracks = _pad(tracks, len(track_features))
+    # gzip with h5py's automatic chunking, as the reference stage-1 preparation writes;
+    # uncompressed files are chunked one event per chunk for cheap random reads.
+    opts = {"compression": "gzip"} if compression == "gzip" else {"chunks": (1, *hit_arr.shape[1:])}
+    track_opts = {"compression": "gzip"} if compression == "gzip" else {}
+    with h5py.File(path, "w", track_order=False) as f:
+        f.create_dataset("hits", data=hit_arr, track_times=False, **opts)
+        f.create_dataset("tracks", data=track_arr, track_times=False, **track_opts)
+        f.create_dataset("num_hits", data=num_hits, track_times=False)
+        f.create_dataset("num_tracks", data=num_tracks, track_times=False)
+        f.create_dataset("event_numbers", data=np.asarray(event_numbers, dtype=np.int64), track_times=False)
+        f.attrs["num_events"] = n
+        f.attrs["hit_features"] = list(hit_features)
+        f.attrs["track_features"] = list(track_features)
 
 
 class DatasetWriter:
@@ -371,44 +411,39 @@ class DatasetWriter:
         self.compression, self.source = compression, source
         self.chunks: list[dict] = []
         self.file_indices: list[np.ndarray] = []
+        self.processing_summary: dict | None = None  # written to metadata.yaml when set (e.g. cut counts)
 
     def write_file(
         self, hits: Sequence[np.ndarray], tracks: Sequence[np.ndarray], event_numbers: Sequence[int]
     ) -> Path:
         """Write one `data/*.h5` file from per-event unpadded arrays."""
-        n = len(hits)
-        if not n == len(tracks) == len(event_numbers):
-            raise ValueError(
-                f"hits, tracks and event_numbers disagree in length ({n}, {len(tracks)}, {len(event_numbers)})"
-            )
-        hit_arr, num_hits = _pad(hits, len(self.hit_features))
-        track_arr, num_tracks = _pad(tracks, len(self.track_features))
         name = f"data/events_{len(self.chunks):04d}.h5"
-        # gzip with h5py's automatic chunking, as the reference stage-1 preparation writes;
-        # uncompressed files are chunked one event per chunk for cheap random reads.
-        opts = {"compression": "gzip"} if self.compression == "gzip" else {"chunks": (1, *hit_arr.shape[1:])}
-        track_opts = {"compression": "gzip"} if self.compression == "gzip" else {}
-        with h5py.File(self.tmp_dir / name, "w", track_order=False) as f:
-            f.create_dataset("hits", data=hit_arr, track_times=False, **opts)
-            f.create_dataset("tracks", data=track_arr, track_times=False, **track_opts)
-            f.create_dataset("num_hits", data=num_hits, track_times=False)
-            f.create_dataset("num_tracks", data=num_tracks, track_times=False)
-            f.create_dataset(
-                "event_numbers", data=np.asarray(event_numbers, dtype=np.int64), track_times=False
-            )
-            f.attrs["num_events"] = n
-            f.attrs["hit_features"] = self.hit_features
-            f.attrs["track_features"] = self.track_features
+        write_event_file(
+            self.tmp_dir / name,
+            hits,
+            tracks,
+            event_numbers,
+            hit_features=self.hit_features,
+            track_features=self.track_features,
+            compression=self.compression,
+        )
+        self.add_file(name, len(hits))
+        return self.tmp_dir / name
+
+    def add_file(
+        self, name: str, event_count: int, source: str | None = None, worker_id: int | None = None
+    ) -> None:
+        """Register `name` (relative to the dataset, already written by `write_event_file` into
+        `tmp_dir`, e.g. by a worker process) as the next file of the dataset."""
         self.chunks.append(
             {
                 "h5_file": name,
-                "source_root_file": self.source,
-                "event_count": n,
-                "worker_id": len(self.chunks),
+                "source_root_file": self.source if source is None else source,
+                "event_count": event_count,
+                "worker_id": len(self.chunks) if worker_id is None else worker_id,
             }
         )
-        self.file_indices.append(np.full(n, len(self.chunks) - 1, dtype=np.int64))
-        return self.tmp_dir / name
+        self.file_indices.append(np.full(event_count, len(self.chunks) - 1, dtype=np.int64))
 
     def finish(self) -> Path:
         """Write the metadata and index arrays, then move the dataset into place."""
@@ -426,6 +461,8 @@ class DatasetWriter:
             "processing_parameters": self.processing_parameters,
             "event_mapping": {"chunk_summary": self.chunks, "total_events": len(file_indices)},
         }
+        if self.processing_summary is not None:
+            metadata["processing_summary"] = self.processing_summary
         with open(self.tmp_dir / METADATA, "w") as f:
             yaml.safe_dump(metadata, f, sort_keys=False)
         self.tmp_dir.rename(self.out_dir)

@@ -1,0 +1,120 @@
+"""HL-LHC pile-up background: the thousands of hits per event a hit filter must remove.
+
+At <mu> = 200 collisions per bunch crossing the spectrometer is filled by hits that belong to no
+muon of interest (cavern background of neutrons and photons, soft particles). They are
+uncorrelated with the event's muons, so they are made here as hits on random tubes and strips,
+through the simulator's own read-out: an MDT background hit arrives at a uniform time in the
+drift window and goes through the same r(t) relation, time smearing and covariance as every
+other MDT hit (`simulate._tube_rows`, `_measure_drift`, `_noise_radius`); a strip hit is an RPC
+or TGC strip (`simulate._strip_rows`) at a time within the trigger read-out window. All carry
+truthLink -1. One hit per tube or strip is applied afterwards, with the muon hits.
+
+Occupancy is uniform per tube and per strip, doubled in the inner stations (BI, EI), which see
+the most cavern background. The rate is calibrated on the reference: the hit-filter evaluation
+of hepattn's ATLAS-muon experiment (jonathanrenusch/hepattn_muon, EVALUATION_SUMMARY.md) counts
+725 835 hits in 100 PU200 events before the filter, 7 258 per event, 99.3 % of them not on a
+muon. `HITS_PER_MU` makes `muonreg-simulate --format root --pileup 200` give that mean (about
+7 260 hits per event, measured in tests/test_root_pipeline.py); it scales linearly with mu.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from muonreg import detector as det
+from muonreg.data.schema import HIT_FEATURES
+from muonreg.data.simulate import _measure_drift, _noise_radius, _strip_rows, _tube_rows
+
+REFERENCE_HITS_PER_EVENT_PU200 = 7258  # 725 835 hits / 100 events, before the hit filter
+HITS_PER_MU = 36.1  # background hits per event per unit of mu, calibrated to the number above
+STRIP_SHARE = 0.2  # share of the background on RPC/TGC strips, the rest on MDT tubes
+INNER_STATIONS = {"BI", "EI"}
+INNER_WEIGHT = 2.0
+TRIGGER_WINDOW = 25.0  # ns either side of the time of flight
+
+
+def _tube_weights() -> np.ndarray:
+    """Probability that a background tube hit is in each MDT station: its number of tubes
+    (layers x covered length), doubled for the inner stations."""
+    weights = np.array(
+        [
+            len(det.tube_layer_offsets(s))
+            * (s.extent[1] - s.extent[0])
+            * (INNER_WEIGHT if s.name in INNER_STATIONS else 1.0)
+            for s in det.STATIONS
+        ]
+    )
+    return weights / weights.sum()
+
+
+def _strip_range(layer: det.TriggerLayer) -> tuple[float, float]:
+    """Range of the strip coordinate a trigger layer covers: |z| on an RPC plane at radius R,
+    the radius on a TGC wheel at |z|, from the layer's |eta| range."""
+    base = layer.position[0]
+    eta_lo, eta_hi = layer.eta_range
+    if layer.barrel:
+        return 0.0, base * np.sinh(eta_hi)
+    return base / np.sinh(eta_hi), base / np.sinh(eta_lo)
+
+
+def _strip_weights() -> np.ndarray:
+    """Probability that a background strip hit is on each trigger layer: its number of strips."""
+    ranges = np.array([_strip_range(layer) for layer in det.TRIGGER_LAYERS])
+    pitches = np.array([layer.pitch for layer in det.TRIGGER_LAYERS])
+    weights = (ranges[:, 1] - ranges[:, 0]) / pitches
+    return weights / weights.sum()
+
+
+def _random_sectors(rng: np.random.Generator, n: int) -> SimpleNamespace:
+    """Sector, its centre phi, large/small and detector side of `n` random chambers."""
+    sector = rng.integers(0, det.N_SECTORS, n)
+    side = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    return SimpleNamespace(sector=sector, phi_s=sector * det.SECTOR_WIDTH, large=sector % 2 == 0, side=side)
+
+
+def _tube_hits(rng: np.random.Generator, n: int) -> np.ndarray:
+    station_of = rng.choice(len(det.STATIONS), n, p=_tube_weights())
+    rows = np.empty((n, len(HIT_FEATURES)))
+    for k, station in enumerate(det.STATIONS):
+        sel = np.flatnonzero(station_of == k)
+        where = _random_sectors(rng, len(sel))
+        span = station.extent[1] - station.extent[0]
+        tube = np.floor((station.extent[0] + rng.random(len(sel)) * span) / det.TUBE_PITCH)
+        tube = tube * where.side if station.barrel else tube
+        layer = rng.integers(0, len(det.tube_layer_offsets(station)), len(sel))
+        part = _tube_rows(station, layer, tube, where.sector, where.phi_s, where.large, where.side)
+        _measure_drift(rng, part, _noise_radius(rng, len(sel)))
+        rows[sel] = part
+    return rows
+
+
+def _strip_hits(rng: np.random.Generator, n: int) -> np.ndarray:
+    layer_of = rng.choice(len(det.TRIGGER_LAYERS), n, p=_strip_weights())
+    rows = np.empty((n, len(HIT_FEATURES)))
+    for k, layer in enumerate(det.TRIGGER_LAYERS):
+        sel = np.flatnonzero(layer_of == k)
+        where = _random_sectors(rng, len(sel))
+        low, high = _strip_range(layer)
+        coordinate = rng.uniform(low, high, len(sel))
+        strip = np.floor(coordinate / layer.pitch) * (where.side if layer.barrel else 1.0)
+        dphi = rng.uniform(-det.SECTOR_WIDTH / 2, det.SECTOR_WIDTH / 2, len(sel))
+        flight = np.hypot(layer.position[0], coordinate) / det.C_MM_PER_NS
+        time = flight + rng.uniform(-TRIGGER_WINDOW, TRIGGER_WINDOW, len(sel))
+        rows[sel] = _strip_rows(layer, where, np.arange(len(sel)), strip, dphi, time)
+    return rows
+
+
+def background_hits(rng: np.random.Generator, n_events: int, mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pile-up hits of `n_events` events at <mu> = `mu`: (rows [n, 20] in HIT_FEATURES order, event
+    index [n]), truthLink -1; Poisson counts with mean `mu * HITS_PER_MU` per event."""
+    if mu < 0:
+        raise ValueError(f"pile-up mu={mu} must be >= 0")
+    event = np.repeat(np.arange(n_events), rng.poisson(mu * HITS_PER_MU, n_events))
+    strip = rng.random(len(event)) < STRIP_SHARE
+    rows = np.empty((len(event), len(HIT_FEATURES)))
+    rows[~strip] = _tube_hits(rng, int((~strip).sum()))
+    rows[strip] = _strip_hits(rng, int(strip.sum()))
+    rows[:, HIT_FEATURES.index("spacePoint_truthLink")] = -1
+    return rows, event
