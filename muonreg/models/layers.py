@@ -82,6 +82,48 @@ class Attention(nn.Module):
         return self.out(y[..., :e].transpose(1, 2).reshape(b, n, d))
 
 
+def neighbour_blocks(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[b, m, ...] -> [b * blocks, 3 * window, ...]: each block of `window` consecutive entries with
+    the block before and the block after it (zeros beyond the ends; m padded to whole blocks)."""
+    b, m = x.shape[:2]
+    blocks = -(-m // window)
+    pad = torch.zeros(b, window + blocks * window - m, *x.shape[2:], dtype=x.dtype, device=x.device)
+    front = torch.zeros(b, window, *x.shape[2:], dtype=x.dtype, device=x.device)
+    padded = torch.cat([front, x, pad], dim=1).view(b, blocks + 2, window, *x.shape[2:])
+    around = torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+    return around.reshape(b * blocks, 3 * window, *x.shape[2:])
+
+
+class WindowedAttention(Attention):
+    """Self-attention in local windows, for events of thousands of hits.
+
+    The hits, already sorted by a coordinate (HitFilter sorts them by phi), are cut into blocks of
+    `window`; each hit attends to the hits of its own block and of the two neighbouring blocks, so
+    memory and time grow linearly with the number of hits (at most [b * blocks, heads, window,
+    3 window] scores, on the fused kernel none) rather than with its square. With a window at least
+    as long as the event this is full attention. Same weights as Attention.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int, dropout: float = 0.0):
+        super().__init__(dim, heads, dropout)
+        if window < 1:
+            raise ValueError(f"window={window} must be a positive number of hits")
+        self.window = window
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention only (`context` is `x`); `mask` [b, 1, m]: the valid keys (padding False)."""
+        b, m, d = x.shape
+        w = self.window
+        valid = torch.ones(b, m, dtype=torch.bool, device=x.device) if mask is None else mask[:, 0]
+        blocks = -(-m // w)
+        queries = torch.cat([x, x.new_zeros(b, blocks * w - m, d)], dim=1).view(b * blocks, w, d)
+        keys_valid = neighbour_blocks(valid, w)  # [b * blocks, 3w]
+        y = super().forward(queries, neighbour_blocks(x, w), attendable(keys_valid.unsqueeze(1), keys_valid))
+        return y.view(b, blocks * w, d)[:, :m]
+
+
 class Standardize(nn.Module):
     """Per-feature standardisation of the hit inputs, fitted on training data and saved with the model.
 
