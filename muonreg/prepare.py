@@ -2,12 +2,18 @@
 
 default     simulate (once) the dataset that `python train.py` uses with the given overrides,
             e.g. `python -m muonreg.prepare default data.simulation.events=50000`; prints its path
+filter      apply a trained hit filter (model=hit_filter) to a high-occupancy dataset and write the
+            tracking dataset (muonreg.filtering): `python -m muonreg.prepare filter --checkpoint
+            CKPT --working-point 0.99 --max-hits 600 --max-tracks 2 --input DIR --output DIR`
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from muonreg import filtering
+from muonreg.errors import exit_on_user_errors
 
 
 def default_dataset(overrides: list[str] | None = None) -> Path:
@@ -28,9 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     default = commands.add_parser("default", help="simulate the dataset `python train.py` uses")
     default.add_argument("overrides", nargs="*", help="Hydra overrides, as given to train.py")
+    filtering.add_arguments(
+        commands.add_parser("filter", help="apply a trained hit filter: high-occupancy -> tracking dataset")
+    )
     args = parser.parse_args(argv)
     if args.command == "default":
         print(default_dataset(args.overrides))
+    elif args.command == "filter":
+        with exit_on_user_errors():
+            print(filtering.run(args))
 
 
 if __name__ == "__main__":
