@@ -197,8 +197,8 @@ def validate(cfg: DictConfig) -> None:
 def _validate_hit_filter(m: DictConfig, names: list[str]) -> None:
     if m.sort_by not in names:
         _fail("model.sort_by", m.sort_by, f"must be one of the input features {names}")
-    if not isinstance(m.window, int) or m.window < 1:
-        _fail("model.window", m.window, "must be a positive number of hits")
+    if m.window is not None and (not isinstance(m.window, int) or m.window < 1):
+        _fail("model.window", m.window, "must be a positive number of hits, or null for full attention")
     wps = list(m.working_points)
     if not wps or any(not isinstance(wp, float) or not 0 < wp < 1 for wp in wps):
         _fail(

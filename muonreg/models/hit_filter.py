@@ -23,7 +23,9 @@ def muon_hit_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class HitFilter(nn.Module):
-    """Hits -> input net -> windowed encoder (hits sorted by feature `sort_index`) -> logit per hit."""
+    """Hits -> input net -> windowed encoder (hits sorted by feature `sort_index`) -> logit per hit.
+
+    `window` None: full attention over all hits (memory grows with their square; for comparisons)."""
 
     def __init__(
         self,
@@ -33,7 +35,7 @@ class HitFilter(nn.Module):
         dim: int = 32,
         encoder_layers: int = 3,
         heads: int = 4,
-        window: int = 128,
+        window: int | None = 128,
         dropout: float = 0.0,
     ):
         super().__init__()
