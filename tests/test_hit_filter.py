@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
 from test_train_e2e import ENV, ROOT, run_train
 
+from muonreg.config import ConfigError, project_root, validate
 from muonreg.data.format import DatasetReader
 from muonreg.evaluation.filter_metrics import filter_metrics, roc_auc, roc_curve, threshold_at_efficiency
-from muonreg.filtering import Losses, filter_event
+from muonreg.filtering import FilterError, Losses, filter_dataset, filter_event
 from muonreg.models import HitFilter
 from muonreg.models.layers import Attention, WindowedAttention, attendable
 
@@ -163,6 +165,26 @@ def test_filter_event_keeps_cuts_and_renumbers():
         1,
     )
     assert c["events_in"] == 4 and c["events_written"] == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.sort_by=rho", r"model\.sort_by='rho' must be one of the input features"),
+        ("model.window=0", r"model\.window=0 must be a positive number of hits"),
+        ("model.working_points=[1.5]", r"model\.working_points=\[1\.5\] must be muon-hit efficiencies"),
+    ],
+)
+def test_bad_filter_settings_fail_naming_the_key(override, message):
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=hit_filter", override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_filter_refuses_an_existing_output(tmp_path):
+    with pytest.raises(FilterError, match="already exists"):
+        filter_dataset(tmp_path / "best.pt", tmp_path, tmp_path)
 
 
 # -- end to end: train the filter, apply it, train the tracker on its output -----------------------

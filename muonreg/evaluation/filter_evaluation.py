@@ -15,15 +15,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from muonreg.data.dataset import MuonEventDataset
+from muonreg.data.features import DERIVED, derived_features
 from muonreg.data.schema import Technology
 from muonreg.evaluation.filter_metrics import filter_metrics, roc_curve, working_point_name
 from muonreg.evaluation.inference import forward_loss, unwrap
 from muonreg.evaluation.plots import filter_roc, filter_scores
 from muonreg.models.hit_filter import muon_hit_labels
-from muonreg.numerics import safe_eta
 from muonreg.training.device import to_device
-
-_LOW = ("spacePoint_globEdgeLowX", "spacePoint_globEdgeLowY", "spacePoint_globEdgeLowZ")
 
 
 @dataclass
@@ -87,11 +85,11 @@ def hit_regions(
     """Per hit (in HitScores order): a mask per technology present and per |eta| region of the hit's
     position; the last region takes every |eta| above its lower edge."""
     reader = dataset.reader
-    tech_col, low = reader.hit_index["spacePoint_technology"], [reader.hit_index[c] for c in _LOW]
+    tech_col, low = reader.hit_index["spacePoint_technology"], [reader.hit_index[c] for c in DERIVED["eta"]]
     hits = [reader.read(e).hits for e in events]
     tech = np.concatenate([h[:, tech_col] for h in hits]).astype(int)
     x, y, z = (np.concatenate([h[:, c] for h in hits]) for c in low)
-    abs_eta = np.abs(safe_eta(z, np.hypot(x, y)))
+    abs_eta = np.abs(derived_features(x, y, z)["eta"])
     regions = {Technology(t).name: tech == t for t in np.unique(tech) if t in set(Technology)}
     for i, (lo, hi) in enumerate(itertools.pairwise(eta_edges)):
         last = i == len(eta_edges) - 2
