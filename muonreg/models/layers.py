@@ -68,11 +68,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        b, n, d = x.shape
+        return self.attend(self.q(x), self.kv(context), mask)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of projected queries q [b, n, d] over projected keys and values kv [b, k, 2d]."""
+        b, n, d = q.shape
         h, e = self.heads, d // self.heads
-        q = self.q(x).view(b, n, h, e).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, e).permute(2, 0, 3, 1, 4)
-        pad = -e % FUSED_HEAD_MULTIPLE if (x.is_cuda if self.pad_heads is None else self.pad_heads) else 0
+        q = q.view(b, n, h, e).transpose(1, 2)
+        k, v = kv.view(b, kv.shape[1], 2, h, e).permute(2, 0, 3, 1, 4)
+        pad = -e % FUSED_HEAD_MULTIPLE if (q.is_cuda if self.pad_heads is None else self.pad_heads) else 0
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         attn_mask = None if mask is None else mask.unsqueeze(1)  # broadcast over heads
@@ -118,9 +122,11 @@ class WindowedAttention(Attention):
         w = self.window
         valid = torch.ones(b, m, dtype=torch.bool, device=x.device) if mask is None else mask[:, 0]
         blocks = -(-m // w)
-        queries = torch.cat([x, x.new_zeros(b, blocks * w - m, d)], dim=1).view(b * blocks, w, d)
+        q = self.q(x)
+        q = torch.cat([q, q.new_zeros(b, blocks * w - m, d)], dim=1).view(b * blocks, w, d)
         keys_valid = neighbour_blocks(valid, w)  # [b * blocks, 3w]
-        y = super().forward(queries, neighbour_blocks(x, w), attendable(keys_valid.unsqueeze(1), keys_valid))
+        # keys and values projected once per hit, then gathered per window
+        y = self.attend(q, neighbour_blocks(self.kv(x), w), attendable(keys_valid.unsqueeze(1), keys_valid))
         return y.view(b, blocks * w, d)[:, :m]
 
 
