@@ -29,7 +29,7 @@ from muonreg.data.schema import NOISE_LINK, TRUTH_LINK
 from muonreg.errors import UserError
 from muonreg.evaluation.filter_metrics import threshold_at_efficiency
 from muonreg.models import HitFilter
-from muonreg.trained import CheckpointError, load_model
+from muonreg.trained import load_model
 from muonreg.training.device import autocast, autocast_dtype, resolve_device, to_device
 from muonreg.training.setup import hit_features
 
@@ -172,9 +172,7 @@ def filter_dataset(
     if output_dir.exists():
         raise FilterError(f"--output {output_dir} already exists; remove it or choose another")
     reader = DatasetReader(input_dir)
-    model, cfg = load_model(checkpoint, reader.hit_features)
-    if not isinstance(model, HitFilter):
-        raise CheckpointError(f"{checkpoint}: a tracker checkpoint; give one of a model=hit_filter run")
+    model, cfg = load_model(checkpoint, reader.hit_features, kind=HitFilter)
     features = hit_features(cfg, reader.hit_features, f"dataset {input_dir}")
     most_muons = max(
         [int(reader.track_arrays(f, "num_tracks")[0].max(initial=0)) for f in range(len(reader.files))]

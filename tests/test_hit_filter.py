@@ -19,10 +19,12 @@ from test_train_e2e import ENV, ROOT, run_train
 
 from muonreg.config import ConfigError, project_root, validate
 from muonreg.data.format import DatasetReader
+from muonreg.evaluate import evaluate_checkpoint
 from muonreg.evaluation.filter_metrics import filter_metrics, roc_auc, roc_curve, threshold_at_efficiency
 from muonreg.filtering import FilterError, Losses, filter_dataset, filter_event
 from muonreg.models import HitFilter
 from muonreg.models.layers import Attention, WindowedAttention, attendable
+from muonreg.trained import CheckpointError, load_model
 
 # Six hits: muons score 0.9, 0.8, 0.6; background 0.7, 0.4, 0.2.
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.2])
@@ -230,6 +232,17 @@ def test_filter_training_logs_its_metrics_to_mlflow(filter_run):
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/hit_filter.md", "evaluation/roc.png", "evaluation/scores.png"} <= artifacts
     assert run.data.params["model.kind"] == "hit_filter"
+
+
+@pytest.mark.slow
+def test_a_filter_checkpoint_re_evaluates_and_is_refused_by_tracker_tools(filter_run, tmp_path):
+    _, run = filter_run
+    checkpoint = Path(run.data.tags["muonreg.run_dir"]) / "checkpoints" / "best.pt"
+    metrics, report = evaluate_checkpoint(checkpoint, "test", tmp_path / "report")
+    assert metrics["test/auc"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-6)
+    assert (report / "hit_filter.md").is_file()
+    with pytest.raises(CheckpointError, match=r"hit filter .* needs a MaskFormer"):
+        load_model(checkpoint)
 
 
 @pytest.mark.slow
