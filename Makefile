@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data root-data train sweep ablation search compare predict export display ui test test-fast lint bench clean
+.PHONY: install data root-data train hit-filter sweep ablation search compare predict export display ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ root-data: install  # ATLAS ROOT hit dumps -> HDF5, e.g. make root-data ARGS="--
 
 train: data
 	$(PY) train.py $(ARGS)
+
+hit-filter: install  # the hit filter on simulated high-occupancy events (~1100 hits, 3 % of muons)
+	$(PY) train.py model=hit_filter data.simulation.events=5000 data.simulation.noise_scale=20 \
+		+data.simulation.max_hits=20000 $(ARGS)
 
 sweep: data  # the assignment-threshold study
 	$(PY) train.py -m +experiment=threshold_sweep $(ARGS)

@@ -24,6 +24,7 @@ POOLING_OPS = ("mean", "sum", "max", "min", "station", "fit")
 THRESHOLD_MODES = ("hard", "soft")
 REGRESSION_TASKS = ("weighted_pooling", "object_regression")
 PRECISIONS = ("auto", "fp32", "bf16")
+MODEL_KINDS = ("tracker", "hit_filter")  # model.kind; the tracker's options leave it out
 MAX_SEED = 2**32 - 1  # numpy's seed range
 # Each config group and a key its option must set: `pooling=[]` composes to no option at all.
 GROUP_KEYS = {
@@ -83,6 +84,11 @@ def _dataset_columns(cfg: DictConfig) -> list[str]:
 def feature_names(cfg: DictConfig) -> list[str]:
     """The model's hit inputs: stored columns, then derived features."""
     return [*cfg.data.features.columns, *cfg.data.features.derived]
+
+
+def is_hit_filter(cfg: DictConfig) -> bool:
+    """The run trains the hit filter (model=hit_filter), not the tracker."""
+    return cfg.model.get("kind", "tracker") == "hit_filter"
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -146,12 +152,19 @@ def validate(cfg: DictConfig) -> None:
         missing = [f for f in hit_fields if f not in names]
         _fail("tasks.hit_fields", list(hit_fields), f"names {missing}, not among the input features {names}")
     m, d = cfg.model, cfg.data
-    if m.num_queries < d.max_particles:
-        _fail("model.num_queries", m.num_queries, f"must be at least data.max_particles={d.max_particles}")
+    if m.get("kind", "tracker") not in MODEL_KINDS:
+        _fail("model.kind", m.kind, f"must be one of {list(MODEL_KINDS)}")
     if m.dim % m.heads:
         _fail("model.heads", m.heads, f"must divide model.dim={m.dim}")
-    if not 0 < m.mask_threshold < 1:
-        _fail("model.mask_threshold", m.mask_threshold, "must be strictly between 0 and 1")
+    if is_hit_filter(cfg):
+        _validate_hit_filter(m, names)
+    else:
+        if m.num_queries < d.max_particles:
+            _fail(
+                "model.num_queries", m.num_queries, f"must be at least data.max_particles={d.max_particles}"
+            )
+        if not 0 < m.mask_threshold < 1:
+            _fail("model.mask_threshold", m.mask_threshold, "must be strictly between 0 and 1")
     split = list(d.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9 or split[0] <= 0:
         _fail("data.split", split, "must be [train, val, test] fractions, train > 0, summing to at most 1")
@@ -179,6 +192,20 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
         _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
+
+
+def _validate_hit_filter(m: DictConfig, names: list[str]) -> None:
+    if m.sort_by not in names:
+        _fail("model.sort_by", m.sort_by, f"must be one of the input features {names}")
+    if m.window is not None and (not isinstance(m.window, int) or m.window < 1):
+        _fail("model.window", m.window, "must be a positive number of hits, or null for full attention")
+    wps = list(m.working_points)
+    if not wps or any(not isinstance(wp, float) or not 0 < wp < 1 for wp in wps):
+        _fail(
+            "model.working_points",
+            wps,
+            "must be muon-hit efficiencies strictly between 0 and 1, e.g. [0.99, 0.995]",
+        )
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:

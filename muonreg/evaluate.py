@@ -3,8 +3,9 @@
 Rebuilds data and model from the configuration stored in the checkpoint, evaluates (efficiency,
 fake rate, hit efficiency and purity, residuals and resolutions, in bins of pT and |eta|) beside
 the least-squares fit of the same muons and the diagnostics (truth assignment, fits of the
-assigned hits), and writes tables and plots. With `--run-id` the best checkpoint is fetched from
-that MLflow run and the report is logged back to it.
+assigned hits), and writes tables and plots. A hit-filter checkpoint (model=hit_filter) gets the
+filter's evaluation instead (ROC, AUC, working points, per technology and |eta| region). With
+`--run-id` the best checkpoint is fetched from that MLflow run and the report is logged back to it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import mlflow
 from omegaconf import OmegaConf
 
+from muonreg.config import is_hit_filter
 from muonreg.errors import exit_on_user_errors
+from muonreg.evaluation.filter_evaluation import filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
 from muonreg.trained import add_source_arguments, checkpoint_file, read_checkpoint
@@ -44,6 +47,20 @@ def evaluate_checkpoint(
     )
     if not reference:
         evaluation.assigned_fit_events = 0
+    if is_hit_filter(cfg):
+        metrics, text = filter_evaluation(
+            model,
+            loader,
+            data.datasets[split],
+            dev,
+            autocast_dtype(dev, cfg.trainer.precision),
+            list(cfg.model.working_points),
+            list(cfg.evaluation.eta_bins),
+            report,
+            prefix=split,
+        )
+        print(text)
+        return metrics, report
     metrics, text = full_evaluation(
         model,
         loader,

@@ -17,11 +17,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-import muonreg.config  # noqa: F401  (the ${muonreg.root:} resolver of stored configs)
+from muonreg.config import is_hit_filter  # also registers the ${muonreg.root:} resolver of stored configs
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, root_cause
-from muonreg.models import MaskFormer
+from muonreg.models import HitFilter, MaskFormer
 from muonreg.tracking.liveness import process_died
 from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
 from muonreg.training.checkpoint import load_checkpoint
@@ -118,13 +119,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
         ) from err
 
 
-def load_model(path: str | Path, columns: Sequence[str] = HIT_FEATURES) -> tuple[MaskFormer, DictConfig]:
+def load_model(
+    path: str | Path, columns: Sequence[str] = HIT_FEATURES, kind: type[nn.Module] = MaskFormer
+) -> tuple[MaskFormer | HitFilter, DictConfig]:
     """The network of a checkpoint (eval mode, on the CPU) and its config.
 
     `columns`: the stored hit columns of the data it will see (the feature list is checked against
     them); the schema's by default, which is all a network that is not fed from a dataset needs.
+    `kind`: the network the caller needs (the tracker, or the HitFilter); another is a one-line error.
     """
     state, cfg = read_checkpoint(path)
+    if (kind is HitFilter) != is_hit_filter(cfg):
+        trained = "hit filter (model=hit_filter)" if is_hit_filter(cfg) else "tracker"
+        raise CheckpointError(f"{path}: a checkpoint of the {trained}, but this needs a {kind.__name__}")
     model = build_model(cfg, hit_features(cfg, columns, f"checkpoint {path}"))
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -18,7 +18,7 @@ GROUPS = {
     "threshold": ["hard", "soft"],
     "inverse_fields": ["pt", "none", "qpt"],
     "trainer": ["cpu", "gpu"],
-    "model": ["reference"],
+    "model": ["reference", "hit_filter"],
     "data": ["simulated"],
 }
 

@@ -94,3 +94,53 @@ def versus(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def filter_roc(
+    background_kept: np.ndarray, efficiency: np.ndarray, working_points: dict[str, dict], path: Path
+) -> Path:
+    """The hit filter's ROC: background rejection (1 / background kept, log) against muon-hit
+    efficiency, its working points marked; beside it the plain ROC curve."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    kept = background_kept > 0
+    left.plot(efficiency[kept], 1 / background_kept[kept], color="C0")
+    for name, wp in working_points.items():
+        if wp["background_kept"] > 0:
+            left.plot(
+                wp["efficiency"], 1 / wp["background_kept"], "o", label=f"{name}: cut {wp['threshold']:.3g}"
+            )
+    left.set_yscale("log")
+    left.set_xlim(max(0.0, min([0.9, *(wp["efficiency"] - 0.02 for wp in working_points.values())])), 1.0)
+    left.set_xlabel("muon-hit efficiency")
+    left.set_ylabel("background rejection (1 / background kept)")
+    left.legend(fontsize=8)
+    right.plot(background_kept, efficiency, color="C0")
+    right.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    right.set_xlabel("background hits kept")
+    right.set_ylabel("muon hits kept")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle("Hit filter on the test set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def filter_scores(scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float], path: Path) -> Path:
+    """Score distributions of muon and background hits (normalised, log), the working-point cuts marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    bins = np.linspace(0, 1, 101)
+    for selected, name, colour in ((labels, "muon hits", "C0"), (~labels, "background hits", "C3")):
+        if selected.any():
+            ax.hist(scores[selected], bins=bins, histtype="step", density=True, color=colour, label=name)
+    for i, (name, cut) in enumerate(thresholds.items()):
+        ax.axvline(cut, color=f"C{i + 1}", linestyle="--", linewidth=0.8, label=f"{name} cut {cut:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("hit-filter score (muon probability)")
+    ax.set_ylabel("hits (normalised)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -68,11 +68,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        b, n, d = x.shape
+        return self.attend(self.q(x), self.kv(context), mask)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of projected queries q [b, n, d] over projected keys and values kv [b, k, 2d]."""
+        b, n, d = q.shape
         h, e = self.heads, d // self.heads
-        q = self.q(x).view(b, n, h, e).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, e).permute(2, 0, 3, 1, 4)
-        pad = -e % FUSED_HEAD_MULTIPLE if (x.is_cuda if self.pad_heads is None else self.pad_heads) else 0
+        q = q.view(b, n, h, e).transpose(1, 2)
+        k, v = kv.view(b, kv.shape[1], 2, h, e).permute(2, 0, 3, 1, 4)
+        pad = -e % FUSED_HEAD_MULTIPLE if (q.is_cuda if self.pad_heads is None else self.pad_heads) else 0
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         attn_mask = None if mask is None else mask.unsqueeze(1)  # broadcast over heads
@@ -80,6 +84,50 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=e**-0.5
         )
         return self.out(y[..., :e].transpose(1, 2).reshape(b, n, d))
+
+
+def neighbour_blocks(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[b, m, ...] -> [b * blocks, 3 * window, ...]: each block of `window` consecutive entries with
+    the block before and the block after it (zeros beyond the ends; m padded to whole blocks)."""
+    b, m = x.shape[:2]
+    blocks = -(-m // window)
+    pad = torch.zeros(b, window + blocks * window - m, *x.shape[2:], dtype=x.dtype, device=x.device)
+    front = torch.zeros(b, window, *x.shape[2:], dtype=x.dtype, device=x.device)
+    padded = torch.cat([front, x, pad], dim=1).view(b, blocks + 2, window, *x.shape[2:])
+    around = torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+    return around.reshape(b * blocks, 3 * window, *x.shape[2:])
+
+
+class WindowedAttention(Attention):
+    """Self-attention in local windows, for events of thousands of hits.
+
+    The hits, already sorted by a coordinate (HitFilter sorts them by phi), are cut into blocks of
+    `window`; each hit attends to the hits of its own block and of the two neighbouring blocks, so
+    memory and time grow linearly with the number of hits (at most [b * blocks, heads, window,
+    3 window] scores, on the fused kernel none) rather than with its square. With a window at least
+    as long as the event this is full attention. Same weights as Attention.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int, dropout: float = 0.0):
+        super().__init__(dim, heads, dropout)
+        if window < 1:
+            raise ValueError(f"window={window} must be a positive number of hits")
+        self.window = window
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention only (`context` is `x`); `mask` [b, 1, m]: the valid keys (padding False)."""
+        b, m, d = x.shape
+        w = self.window
+        valid = torch.ones(b, m, dtype=torch.bool, device=x.device) if mask is None else mask[:, 0]
+        blocks = -(-m // w)
+        q = self.q(x)
+        q = torch.cat([q, q.new_zeros(b, blocks * w - m, d)], dim=1).view(b * blocks, w, d)
+        keys_valid = neighbour_blocks(valid, w)  # [b * blocks, 3w]
+        # keys and values projected once per hit, then gathered per window
+        y = self.attend(q, neighbour_blocks(self.kv(x), w), attendable(keys_valid.unsqueeze(1), keys_valid))
+        return y.view(b, blocks * w, d)[:, :m]
 
 
 class Standardize(nn.Module):

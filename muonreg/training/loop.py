@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from muonreg.config import ConfigError
 from muonreg.evaluation.inference import evaluate, forward_loss, unwrap
-from muonreg.evaluation.metrics import TrackRecords
 from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from muonreg.training.device import to_device
 from muonreg.training.distributed import World
@@ -75,6 +74,7 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
         world: World | None = None,
         interrupts: Interrupts | None = None,
+        evaluator: Callable[..., tuple[dict[str, float], Any]] = evaluate,
     ):
         self.model = model
         self.core = unwrap(model)
@@ -95,6 +95,7 @@ class Trainer:
         self.world = world or World()
         self.is_main = self.world.is_main
         self.interrupts = interrupts or Interrupts()
+        self.evaluator = evaluator  # (model, loader, device, amp_dtype, prefix=split) -> (metrics, records)
         self.flags = StepFlags()
         self._names: list[str] = []  # the loss components and "grad_norm", in the order of _sums
         self._sums: torch.Tensor | None = None  # this epoch's _names, summed over the kept steps
@@ -233,9 +234,10 @@ class Trainer:
             )
         raise KeyboardInterrupt("stop signal: checkpoint written")
 
-    def evaluate(self, split: str) -> tuple[dict[str, float], TrackRecords]:
-        """Mean losses and tracking metrics of a split, with the per-muon records behind them."""
-        return evaluate(self.model, self.loaders[split], self.device, self.amp_dtype, prefix=split)
+    def evaluate(self, split: str) -> tuple[dict[str, float], Any]:
+        """Mean losses and metrics of a split, with the records behind them (per muon for the tracker,
+        per hit for the hit filter)."""
+        return self.evaluator(self.model, self.loaders[split], self.device, self.amp_dtype, prefix=split)
 
     def fit(self) -> float:
         """Train until max_epochs or early stopping; return the best monitored value."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from muonreg.config import ConfigError, flatten, validate
+from muonreg.config import ConfigError, flatten, is_hit_filter, validate
+from muonreg.evaluation.filter_evaluation import evaluate_filter, filter_evaluation
 from muonreg.evaluation.full import full_evaluation
+from muonreg.evaluation.inference import evaluate
 from muonreg.tracking.runs import job_run, tracking_uri
 from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import connect, warn_if_shared_sqlite
@@ -244,6 +247,11 @@ def _train_and_test(
         },
         world=world,
         interrupts=interrupts,
+        evaluator=(
+            functools.partial(evaluate_filter, working_points=tuple(cfg.model.working_points))
+            if is_hit_filter(cfg)
+            else evaluate
+        ),
     )
     if state is not None:
         trainer.load_state_dict(state)
@@ -263,7 +271,25 @@ def _train_and_test(
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
     test = data.datasets["test"]
-    if len(test):
+    if len(test) and is_hit_filter(cfg):
+        test_metrics, text = filter_evaluation(
+            trainer.model,
+            loaders["test"],
+            test,
+            device,
+            trainer.amp_dtype,
+            list(cfg.model.working_points),
+            list(cfg.evaluation.eta_bins),
+            out / "evaluation",
+        )
+        log_metrics(test_metrics, trainer.state.epoch)
+        log.info(
+            "test split:\n%s\nreport: %s%s",
+            text,
+            out / "evaluation" / "hit_filter.md",
+            f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else "",
+        )
+    elif len(test):
         test_metrics, text = full_evaluation(
             trainer.model,
             loaders["test"],
@@ -298,7 +324,7 @@ def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSi
             sink.log_artifacts(out / name, name)
     if cfg.tracking.log_checkpoint and best_path.is_file():
         sink.log_artifacts(best_path, "checkpoints")
-    if cfg.tracking.get("log_model", False) and best_path.is_file():
+    if cfg.tracking.get("log_model", False) and best_path.is_file() and not is_hit_filter(cfg):
         _log_model(cfg, out, best_path, sink, data)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from muonreg.config import ConfigError, feature_names
+from muonreg.config import ConfigError, feature_names, is_hit_filter
 from muonreg.data.cache import ensure_simulated
 from muonreg.data.checks import check_truth
 from muonreg.data.dataset import MuonEventDataset, make_loader, split_indices
@@ -19,7 +19,7 @@ from muonreg.data.format import DatasetReader
 from muonreg.data.schema import QPT
 from muonreg.data.simulate import SimulationConfig
 from muonreg.evaluation.metrics import FIELDS
-from muonreg.models import MaskFormer, Matcher
+from muonreg.models import HitFilter, MaskFormer, Matcher
 from muonreg.tasks import (
     ObjectHitMaskTask,
     ObjectRegressionTask,
@@ -132,8 +132,19 @@ def build_loaders(
     }
 
 
-def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
+def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer | HitFilter:
+    """The network `cfg.model` describes: the MaskFormer tracker, or the hit filter (model=hit_filter)."""
     m = cfg.model
+    if is_hit_filter(cfg):
+        return HitFilter(
+            features.size,
+            sort_index=features.names.index(m.sort_by),
+            dim=m.dim,
+            encoder_layers=m.encoder_layers,
+            heads=m.heads,
+            window=m.window,
+            dropout=m.dropout,
+        )
     targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
     field_weights = OmegaConf.to_container(cfg.tasks.loss_weights) if cfg.tasks.get("loss_weights") else None
     if cfg.tasks.name == "weighted_pooling":
@@ -183,7 +194,7 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer:
 
 
 def fit_normalizations(
-    model: MaskFormer,
+    model: MaskFormer | HitFilter,
     dataset: MuonEventDataset,
     fields: list[str],
     *,
@@ -191,8 +202,8 @@ def fit_normalizations(
     n: int = 2000,
 ) -> None:
     """Input standardisation (unless switched off: the inputs stay as the feature scales leave them)
-    and target normalisation from up to `n` evenly spread training events (saved with the model, so a
-    checkpoint predicts exactly as trained)."""
+    and the tracker's target normalisation from up to `n` evenly spread training events (saved with
+    the model, so a checkpoint predicts exactly as trained)."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
     items = [dataset[int(i)] for i in picks]
     if standardize_inputs:
@@ -200,6 +211,8 @@ def fit_normalizations(
             torch.from_numpy(np.concatenate([it["hit_x"] for it in items])),
             torch.from_numpy(np.concatenate([it["hit_x_valid"] for it in items])),
         )
+    if isinstance(model, HitFilter):
+        return
     valid = torch.from_numpy(np.stack([it["particle_valid"] for it in items]))
     targets = {
         f"particle_{f}": torch.from_numpy(np.stack([it[f"particle_{f}"] for it in items])) for f in fields

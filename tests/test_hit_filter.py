@@ -1,0 +1,290 @@
+"""The hit filter: its metrics on hand-made scores, the windowed attention, the model's outputs and
+gradients, the per-event cuts of `muonreg-prepare filter`, and end to end a real filter training
+via train.py, the filter applied, and the tracker trained on what it wrote."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from test_train_e2e import ENV, ROOT, run_train
+
+from muonreg.config import ConfigError, project_root, validate
+from muonreg.data.format import DatasetReader
+from muonreg.evaluate import evaluate_checkpoint
+from muonreg.evaluation.filter_metrics import filter_metrics, roc_auc, roc_curve, threshold_at_efficiency
+from muonreg.filtering import FilterError, Losses, filter_dataset, filter_event
+from muonreg.models import HitFilter
+from muonreg.models.layers import Attention, WindowedAttention, attendable
+from muonreg.trained import CheckpointError, load_model
+
+# Six hits: muons score 0.9, 0.8, 0.6; background 0.7, 0.4, 0.2.
+SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.2])
+LABELS = np.array([1, 1, 0, 1, 0, 0], dtype=bool)
+
+
+def test_roc_curve_and_auc_on_six_hits():
+    background_kept, efficiency, thresholds = roc_curve(SCORES, LABELS)
+    np.testing.assert_allclose(background_kept, [0, 0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(efficiency, [0, 1 / 3, 2 / 3, 2 / 3, 1, 1, 1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2])
+    assert roc_auc(SCORES, LABELS) == pytest.approx(8 / 9)  # 8 of the 9 muon/background pairs ordered
+    assert roc_auc(np.array([0.5, 0.5]), np.array([True, False])) == pytest.approx(0.5)  # a tie: one half
+    assert math.isnan(roc_auc(SCORES, np.ones(6, bool)))
+
+
+def test_working_points_on_six_hits():
+    m = filter_metrics(SCORES, LABELS, [0.99, 0.6])
+    # 0.99 of 3 muon hits needs all 3: cut at 0.6, which also keeps the background hit at 0.7
+    assert m["wp0.99/threshold"] == 0.6
+    assert m["wp0.99/efficiency"] == 1.0 and m["wp0.99/purity"] == 0.75
+    assert m["wp0.99/background_kept"] == pytest.approx(1 / 3) and m["wp0.99/background_rejection"] == 3.0
+    # 0.6 needs 2 of 3: cut at 0.8, no background left
+    assert m["wp0.6/threshold"] == 0.8 and m["wp0.6/efficiency"] == pytest.approx(2 / 3)
+    assert m["wp0.6/purity"] == 1.0 and m["wp0.6/background_kept"] == 0.0
+    assert m["wp0.6/background_rejection"] == math.inf
+    # a region is measured at the given cuts, not at its own
+    region = filter_metrics(SCORES[3:], LABELS[3:], [0.99], {0.99: 0.8})
+    assert region["wp0.99/efficiency"] == 0.0 and region["wp0.99/background_kept"] == 0.0
+
+
+def test_threshold_at_efficiency_edges():
+    muons = np.array([0.3, 0.1, 0.2])
+    assert threshold_at_efficiency(muons, 1.0) == 0.1
+    assert threshold_at_efficiency(muons, 2 / 3) == 0.2  # 2/3 * 3 is 2.0000000000000004 in floats
+    assert threshold_at_efficiency(muons, 0.01) == 0.3
+    with pytest.raises(ValueError, match="working point"):
+        threshold_at_efficiency(muons, 0.0)
+
+
+def _attentions(window: int) -> tuple[WindowedAttention, Attention]:
+    torch.manual_seed(0)
+    windowed = WindowedAttention(16, 4, window)
+    full = Attention(16, 4)
+    full.load_state_dict(windowed.state_dict())
+    return windowed, full
+
+
+def test_windowed_attention_is_full_attention_when_the_window_covers_the_event():
+    windowed, full = _attentions(window=32)
+    x = torch.randn(2, 25, 16)
+    valid = torch.ones(2, 25, dtype=torch.bool)
+    valid[1, 17:] = False
+    mask = attendable(valid.unsqueeze(1), valid)
+    torch.testing.assert_close(windowed(x, x, mask), full(x, x, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_windowed_attention_sees_exactly_its_block_and_the_two_beside_it():
+    windowed, full = _attentions(window=4)
+    m = 18  # blocks 0-3, 4-7, 8-11, 12-15, 16-17
+    x = torch.randn(1, m, 16)
+    valid = torch.ones(1, m, dtype=torch.bool)
+    block = torch.arange(m) // 4
+    band = (block[:, None] - block[None, :]).abs() <= 1  # [queries, keys]
+    expected = full(x, x, band.unsqueeze(0))
+    torch.testing.assert_close(windowed(x, x, valid.unsqueeze(1)), expected, atol=1e-6, rtol=1e-5)
+
+
+def _padded_batch(features: int = 6, hits: int = 40) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    hit_valid = torch.ones(2, hits, dtype=torch.bool)
+    hit_valid[1, 25:] = False  # the second event is shorter: padding
+    muon = torch.zeros(2, 2, hits, dtype=torch.bool)
+    muon[0, 0, :5], muon[0, 1, 10:14], muon[1, 0, 3:9] = True, True, True
+    return {
+        "hit_x": torch.randn(2, hits, features) * hit_valid.unsqueeze(-1),
+        "hit_x_valid": hit_valid.unsqueeze(-1).expand(-1, -1, features).clone(),
+        "hit_valid": hit_valid,
+        "particle_hit_valid": muon,
+    }
+
+
+def test_hit_filter_outputs_and_gradients_on_a_padded_batch():
+    batch = _padded_batch()
+    model = HitFilter(6, sort_index=2, dim=16, encoder_layers=2, heads=4, window=8)
+    outputs = model(batch)
+    assert outputs["hit_filter_logit"].shape == (2, 40)
+    assert torch.isfinite(outputs["hit_filter_logit"]).all()
+    losses = model.loss(outputs, batch)
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads[-4:])  # the head and the last layer learn
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+    # padding changes nothing for real hits; hits in another order give the same scores, reordered
+    with torch.no_grad():
+        noisy = {**batch, "hit_x": batch["hit_x"] + 5.0 * ~batch["hit_valid"].unsqueeze(-1)}
+        torch.testing.assert_close(
+            model(noisy)["hit_filter_logit"][1, :25], outputs["hit_filter_logit"][1, :25]
+        )
+        perm = torch.randperm(40)
+        shuffled = {k: v[:, :, perm] if k == "particle_hit_valid" else v[:, perm] for k, v in batch.items()}
+        torch.testing.assert_close(
+            model(shuffled)["hit_filter_logit"][0], outputs["hit_filter_logit"][0, perm], atol=1e-5, rtol=1e-5
+        )
+
+
+def _event(links: list[int], n_tracks: int) -> tuple[np.ndarray, np.ndarray]:
+    hits = np.zeros((len(links), 20), dtype=np.float32)
+    hits[:, 0] = np.arange(len(links))  # a hit's identity
+    hits[:, 19] = links
+    return hits, np.arange(n_tracks * 4, dtype=np.float32).reshape(n_tracks, 4)
+
+
+def test_filter_event_keeps_cuts_and_renumbers():
+    hits, tracks = _event([-1, 0, 0, 1, 1, 1, 2, 2, 2, -1], n_tracks=3)
+    kept = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    losses = Losses()
+    out_hits, out_tracks = filter_event(hits, tracks, kept, 19, 3, 600, 2, losses)
+    # muon 0 keeps 1 hit (< 3): removed with its hit; muons 1, 2 become 0, 1
+    np.testing.assert_array_equal(out_hits[:, 0], [0, 3, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(out_hits[:, 19], [-1, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(out_tracks, tracks[1:])
+    c = losses.summary()
+    assert c["muons_lost_too_few_hits"] == 1 and c["muon_hits_lost_by_cut"] == 1
+    assert c["background_hits_in"] == 2 and c["background_hits_kept_by_cut"] == 1
+    # too many muons, too many hits, no muon: dropped and counted
+    assert filter_event(hits, tracks, np.ones(10, bool), 19, 2, 600, 2, losses) is None
+    assert filter_event(hits, tracks, kept, 19, 3, 6, 2, losses) is None
+    assert filter_event(hits, tracks, np.zeros(10, bool), 19, 3, 600, 2, losses) is None
+    c = losses.summary()
+    assert (
+        c["events_dropped_too_many_tracks"],
+        c["events_dropped_too_many_hits"],
+        c["events_dropped_no_muon"],
+    ) == (
+        1,
+        1,
+        1,
+    )
+    assert c["events_in"] == 4 and c["events_written"] == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.sort_by=rho", r"model\.sort_by='rho' must be one of the input features"),
+        ("model.window=0", r"model\.window=0 must be a positive number of hits"),
+        ("model.working_points=[1.5]", r"model\.working_points=\[1\.5\] must be muon-hit efficiencies"),
+    ],
+)
+def test_bad_filter_settings_fail_naming_the_key(override, message):
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=hit_filter", override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_filter_refuses_an_existing_output(tmp_path):
+    with pytest.raises(FilterError, match="already exists"):
+        filter_dataset(tmp_path / "best.pt", tmp_path, tmp_path)
+
+
+# -- end to end: train the filter, apply it, train the tracker on its output -----------------------
+
+HIGH_OCCUPANCY = ("data.simulation.events=200", "data.max_events=200", "data.simulation.noise_scale=8")
+
+
+@pytest.fixture(scope="module")
+def filter_run(tmp_path_factory) -> tuple[Path, mlflow.entities.Run]:
+    """One real filter training via train.py on smoke-sized high-occupancy simulated data."""
+    root, data = tmp_path_factory.mktemp("filter"), tmp_path_factory.mktemp("filter-data")
+    run_train(
+        root,
+        data,
+        "model=hit_filter",
+        *HIGH_OCCUPANCY,
+        "+data.simulation.max_hits=20000",
+        "trainer.max_epochs=2",
+        "trainer.batch_size=16",
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("muonreg").experiment_id)
+    return root, run
+
+
+@pytest.mark.slow
+def test_filter_training_logs_its_metrics_to_mlflow(filter_run):
+    root, run = filter_run
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert run.info.status == "FINISHED"
+    dataset = DatasetReader(run.data.tags["dataset"])
+    hits = np.concatenate([dataset.read(i).hits[:, 19] for i in range(len(dataset))])
+    assert len(hits) / len(dataset) > 300 and (hits >= 0).mean() < 0.15  # many hits, few of muons
+    steps = [m.value for m in client.get_metric_history(run.info.run_id, "train/step_loss")]
+    assert len(steps) >= 10 and np.mean(steps[-3:]) < 0.8 * np.mean(steps[:3])  # the loss drops
+    metrics = run.data.metrics
+    assert 0.5 < metrics["test/auc"] <= 1 and "val/auc" in metrics
+    for wp in ("wp0.99", "wp0.995"):
+        assert metrics[f"test/{wp}/efficiency"] >= float(wp[2:])
+        assert 0 < metrics[f"test/{wp}/threshold"] < 1 and 0 < metrics[f"test/{wp}/purity"] <= 1
+    assert metrics["test/wp0.995/threshold"] <= metrics["test/wp0.99/threshold"]
+    assert {"test/MDT/auc", "test/abseta0_1p05/wp0.99/efficiency"} <= set(metrics)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/hit_filter.md", "evaluation/roc.png", "evaluation/scores.png"} <= artifacts
+    assert run.data.params["model.kind"] == "hit_filter"
+
+
+@pytest.mark.slow
+def test_a_filter_checkpoint_re_evaluates_and_is_refused_by_tracker_tools(filter_run, tmp_path):
+    _, run = filter_run
+    checkpoint = Path(run.data.tags["muonreg.run_dir"]) / "checkpoints" / "best.pt"
+    metrics, report = evaluate_checkpoint(checkpoint, "test", tmp_path / "report")
+    assert metrics["test/auc"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-6)
+    assert (report / "hit_filter.md").is_file()
+    with pytest.raises(CheckpointError, match=r"hit filter .* needs a MaskFormer"):
+        load_model(checkpoint)
+
+
+@pytest.mark.slow
+def test_filter_output_reads_back_and_trains_the_tracker(filter_run, tmp_path):
+    _, run = filter_run
+    checkpoint = Path(run.data.tags["muonreg.run_dir"]) / "checkpoints" / "best.pt"
+    source, out = Path(run.data.tags["dataset"]), tmp_path / "tracking"
+    cmd = [sys.executable, "-m", "muonreg.prepare", "filter", "--checkpoint", str(checkpoint)]
+    cmd += ["--input", str(source), "--output", str(out), "--working-point", "0.99", "--max-hits", "450"]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    meta = yaml.safe_load((out / "metadata.yaml").read_text())["processing_parameters"]["hit_filter"]
+    assert meta["working_point"] == 0.99 and meta["checkpoint"] == str(checkpoint.resolve())
+    losses = meta["losses"]
+    assert losses["muon_hit_efficiency"] >= 0.99 and losses["events_in"] == 200
+    dropped = sum(losses[f"events_dropped_{k}"] for k in ("no_muon", "too_many_tracks", "too_many_hits"))
+    assert losses["events_written"] + dropped == 200 and losses["events_written"] > 0
+
+    reader, original = DatasetReader(out), DatasetReader(source)
+    assert len(reader) == losses["events_written"]
+    by_number = {original.read(i).event_number: i for i in range(len(original))}
+    total_hits = 0
+    for i in range(len(reader)):
+        event = reader.read(i)
+        links = event.hits[:, 19].astype(int)
+        total_hits += len(links)
+        assert len(links) <= 450 and 1 <= len(event.tracks) <= 2
+        counts = np.bincount(links[links >= 0], minlength=len(event.tracks))
+        assert len(counts) == len(event.tracks) and counts.min() >= 3  # renumbered 0..n-1, each muon kept
+        before = original.read(by_number[event.event_number])
+        kept_rows = {tuple(row[:19]) for row in event.hits}
+        assert kept_rows <= {tuple(row[:19]) for row in before.hits}  # only hits of that event
+        for new, track in enumerate(event.tracks):  # each renumbered link points at its own muon
+            (old,) = np.flatnonzero((before.tracks == track).all(1))
+            old_hits = {tuple(r[:19]) for r in before.hits[before.hits[:, 19] == old]}
+            assert {tuple(r[:19]) for r in event.hits[links == new]} <= old_hits
+    assert total_hits == losses["hits_written"]
+
+    tracker_root = tmp_path / "tracker"
+    run_train(tracker_root, tmp_path / "tracker-data", f"data.path={out}", "evaluation.assigned_fit_events=0")
+    client = mlflow.MlflowClient(f"sqlite:///{tracker_root}/mlflow.db")
+    (tracker,) = client.search_runs(client.get_experiment_by_name("muonreg").experiment_id)
+    assert tracker.info.status == "FINISHED" and tracker.data.tags["dataset"] == str(out)
+    assert "test/track_efficiency" in tracker.data.metrics
