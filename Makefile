@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: install data root-data train hit-filter sweep ablation search compare predict export display ui test test-fast lint bench clean
+.PHONY: install data root-data pipeline train hit-filter sweep ablation search compare predict export display ui test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ data: install
 
 root-data: install  # ATLAS ROOT hit dumps -> HDF5, e.g. make root-data ARGS="--input ntuples/ --output data/filter --workers 8"
 	$(PY) -m muonreg.prepare root $(ARGS)
+
+# The whole ATLAS chain on a small simulated example, in minutes on a CPU (PIPELINE is rebuilt from
+# scratch): ROOT dumps with pile-up -> filter dataset -> hit filter -> tracking dataset -> tracker.
+# At PILEUP=200 (~7 260 hits per event) the filter needs GPU-sized training to keep <= 600 hits.
+PIPELINE ?= pipeline
+PILEUP ?= 10
+pipeline: install
+	rm -rf $(PIPELINE)
+	$(PY) -m muonreg.data.simulate_cli --format root --events 2000 --files 4 --pileup $(PILEUP) --out $(PIPELINE)/ntuples
+	$(PY) -m muonreg.prepare root --input $(PIPELINE)/ntuples --output $(PIPELINE)/filter_data --workers 2
+	$(PY) train.py model=hit_filter data.path=$(PIPELINE)/filter_data trainer.max_epochs=2 \
+		tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/filter_run $(ARGS)
+	$(PY) -m muonreg.prepare filter --checkpoint $(PIPELINE)/filter_run/checkpoints/best.pt --working-point 0.99 \
+		--max-hits 600 --max-tracks 2 --input $(PIPELINE)/filter_data --output $(PIPELINE)/tracking_data
+	$(PY) train.py data.path=$(PIPELINE)/tracking_data trainer.max_epochs=2 \
+		tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/tracker_run $(ARGS)
 
 train: data
 	$(PY) train.py $(ARGS)
@@ -79,4 +95,4 @@ bench: install
 	$(PY) bench/reliability.py kill --trials 4
 
 clean:
-	rm -rf outputs multirun bench/out .pytest_cache .ruff_cache
+	rm -rf outputs multirun pipeline bench/out .pytest_cache .ruff_cache

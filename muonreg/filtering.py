@@ -225,7 +225,15 @@ def filter_dataset(
                 if len(hits) == events_per_file or (index == len(reader) - 1 and hits):
                     writer.write_file(hits, tracks, numbers)
                     hits, tracks, numbers = [], [], []
-            parameters["hit_filter"]["losses"] = losses.summary()
+            summary = losses.summary()
+            if not summary["events_written"]:
+                raise FilterError(
+                    f"no event of {input_dir} passes the working point {working_point:g} (cut {threshold:.4g}): "
+                    f"{summary['events_dropped_too_many_hits']} keep more than {max_hits} hits, "
+                    f"{summary['events_dropped_too_many_tracks']} more than {max_tracks} muons, "
+                    f"{summary['events_dropped_no_muon']} no muon; a better-trained filter keeps fewer hits"
+                )
+            parameters["hit_filter"]["losses"] = summary
             writer.processing_parameters = parameters
     return parameters
 
