@@ -96,7 +96,7 @@ def export_onnx(model: MaskFormer, cfg: DictConfig, sample: dict[str, torch.Tens
     one self-contained .onnx file, with the input preparation settings in its metadata."""
     import onnx
 
-    wrapper = OnnxTracker(model)
+    wrapper = OnnxTracker(model).eval()  # dropout off, and no "exporting in training mode" warning
     batch, hits = torch.export.Dim("batch", min=1), torch.export.Dim("hits", min=1)
     dims = {name: {0: batch, 1: hits} for name in INPUTS}
     with torch.no_grad():
