@@ -165,9 +165,9 @@ def table(runs: list[Run], swept: list[str]) -> list[dict]:
     return rows
 
 
-def best_run(runs: list[Run]) -> tuple[Run, str, float] | None:
+def best_run(runs: list[Run]) -> tuple[Run, str, int] | None:
     """The FINISHED run with the lowest value of the metric the runs optimised (an Optuna search's
-    best trial): (run, metric, value), or None when the runs optimised different metrics."""
+    best trial): (run, metric, how many runs logged it), or None when they optimised different metrics."""
     targets = {r.data.params.get("optimized_metric") for r in runs}
     if len(targets) != 1 or None in targets:
         return None
@@ -175,16 +175,20 @@ def best_run(runs: list[Run]) -> tuple[Run, str, float] | None:
     done = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
     if not done:
         return None
-    run = min(done, key=lambda r: r.data.metrics[metric])
-    return run, metric, run.data.metrics[metric]
+    return min(done, key=lambda r: r.data.metrics[metric]), metric, len(done)
 
 
-def _best_line(found: tuple[Run, str, float] | None, swept: list[str]) -> list[str]:
+def _best_line(found: tuple[Run, str, int] | None, swept: list[str], total: int) -> list[str]:
     if found is None:
         return []
-    run, metric, value = found
+    run, metric, logged = found
     values = ", ".join(f"{k}={run.data.params.get(k)}" for k in swept)
-    return [f"Best run by {metric}: {value:.5g}, run {run.info.run_id} ({values or run.info.run_name}).", ""]
+    among = f" (of the {logged} of {total} runs that logged it)" if logged < total else ""
+    return [
+        f"Best run by {metric}{among}: {run.data.metrics[metric]:.5g}, run {run.info.run_id} "
+        f"({values or run.info.run_name}).",
+        "",
+    ]
 
 
 def _cell(row: dict, metric: str) -> str:
@@ -300,7 +304,7 @@ def compare(
     out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
     out.mkdir(parents=True, exist_ok=True)
     title = root.info.run_name if root else f"runs of {experiment or filter_string}"
-    best = _best_line(best_run(runs), swept)
+    best = _best_line(best_run(runs), swept, len(runs))
     (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs), best))
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
