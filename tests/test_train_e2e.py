@@ -77,8 +77,18 @@ def split(all_runs: list) -> tuple[list, list]:
 
 
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
-    run_train(tmp_path, data_dir, "assignment_threshold=0.2")
+    result = run_train(tmp_path, data_dir, "assignment_threshold=0.2")
     (run,) = runs(tmp_path)
+    # The run's last words are its summary (network beside the fit, tracking, report, run id, UI),
+    # after the model's logging and without MLflow's warnings about it.
+    output = result.stdout + result.stderr
+    summary = result.stdout[result.stdout.rindex("test split, ") :]
+    assert "core ratio" in summary and "tracking: efficiency" in summary and "resolution.md" in summary
+    assert summary.rstrip().endswith(
+        f"MLflow run {run.info.run_id}: `make ui` and open http://127.0.0.1:5000"
+    )
+    for noise in ("Add type hints", "CloudPickle", "Downloading artifacts"):
+        assert noise not in output, noise
     assert run.info.status == "FINISHED"
     assert run.data.params["assignment_threshold"] == "0.2" and run.data.params["model.dim"] == "32"
     assert (

@@ -15,8 +15,11 @@ best.pt, no optimiser state) and needs muonreg installed where it is loaded.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlflow
@@ -40,6 +43,10 @@ OUTPUTS = ("valid_probability", "hit_probability", *FIELDS)
 
 class TrackerModel(mlflow.pyfunc.PythonModel):
     """The pyfunc flavour's wrapper: raw stored hits in, per-query predictions out."""
+
+    # MLflow wraps a subclass's predict for type-hint validation and, finding no hints, warns at
+    # every run's end; ours has none on purpose (predict says why). MLflow's own switch for that.
+    _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         path = context.artifacts["checkpoint"]
@@ -116,16 +123,35 @@ def save_tracker(
         slim = Path(tmp) / "best.pt"
         metadata = {"config": state["metadata"]["config"], "hit_columns": list(columns)}
         torch.save({"model": state["model"], "metadata": metadata}, slim)
-        mlflow.pyfunc.save_model(
-            path=str(out),
-            python_model=TrackerModel(),
-            artifacts={"checkpoint": str(slim)},
-            signature=signature(len(columns)),
-            input_example=example,
-            pip_requirements=_requirements(),  # stated, not inferred: inference loads the model again
-            metadata={"hit_columns": list(columns), "muonreg": "README: Using a trained tracker"},
-        )
+        with _quiet_mlflow():
+            mlflow.pyfunc.save_model(
+                path=str(out),
+                python_model=TrackerModel(),
+                artifacts={"checkpoint": str(slim)},
+                signature=signature(len(columns)),
+                input_example=example,
+                pip_requirements=_requirements(),  # stated, not inferred: inference loads the model again
+                metadata={"hit_columns": list(columns), "muonreg": "README: Using a trained tracker"},
+            )
     return Path(out)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Saving logs a warning about pickling (the wrapper holds no state: it loads the checkpoint),
+    an info line and a progress bar per run; a training run's summary should be its last words."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def _requirements() -> list[str]:

@@ -271,6 +271,7 @@ def _train_and_test(
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
     test = data.datasets["test"]
+    message = None
     if len(test) and is_hit_filter(cfg):
         test_metrics, text = filter_evaluation(
             trainer.model,
@@ -283,12 +284,7 @@ def _train_and_test(
             out / "evaluation",
         )
         log_metrics(test_metrics, trainer.state.epoch)
-        log.info(
-            "test split:\n%s\nreport: %s%s",
-            text,
-            out / "evaluation" / "hit_filter.md",
-            f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else "",
-        )
+        message = f"test split:\n{text}\nreport: {out / 'evaluation' / 'hit_filter.md'}"
     elif len(test):
         test_metrics, text = full_evaluation(
             trainer.model,
@@ -301,20 +297,17 @@ def _train_and_test(
             out / "evaluation",
         )
         log_metrics(test_metrics, trainer.state.epoch)
-        log.info(
-            "test split, %d events:\n%s\ntracking: efficiency %.3f, fake rate %.3f, hit efficiency %.3f, "
-            "hit purity %.3f\nreport: %s%s",
-            len(test),
-            text,
-            test_metrics["test/track_efficiency"],
-            test_metrics["test/fake_rate"],
-            test_metrics["test/hit_efficiency"],
-            test_metrics["test/hit_purity"],
-            out / "evaluation" / "resolution.md",
-            f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else "",
+        message = (
+            f"test split, {len(test)} events:\n{text}\ntracking: efficiency "
+            f"{test_metrics['test/track_efficiency']:.3f}, fake rate {test_metrics['test/fake_rate']:.3f}, "
+            f"hit efficiency {test_metrics['test/hit_efficiency']:.3f}, hit purity "
+            f"{test_metrics['test/hit_purity']:.3f}\nreport: {out / 'evaluation' / 'resolution.md'}"
         )
     if sink is not None:
         _log_artifacts(cfg, out, best_path, sink, data)
+    if message is not None:  # last, after the artifacts' logging: what a newcomer reads when the run ends
+        ui = f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else ""
+        log.info("%s%s", message, ui)
     return best
 
 
