@@ -165,6 +165,8 @@ def validate(cfg: DictConfig) -> None:
             )
         if not 0 < m.mask_threshold < 1:
             _fail("model.mask_threshold", m.mask_threshold, "must be strictly between 0 and 1")
+        if not 0 < m.hit_mask.get("threshold", 0.5) < 1:
+            _fail("model.hit_mask.threshold", m.hit_mask.threshold, "must be strictly between 0 and 1")
     split = list(d.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9 or split[0] <= 0:
         _fail("data.split", split, "must be [train, val, test] fractions, train > 0, summing to at most 1")

@@ -6,6 +6,8 @@ the least-squares fit of the same muons and the diagnostics (truth assignment, f
 assigned hits), and writes tables and plots. A hit-filter checkpoint (model=hit_filter) gets the
 filter's evaluation instead (ROC, AUC, working points, per technology and |eta| region). With
 `--run-id` the best checkpoint is fetched from that MLflow run and the report is logged back to it.
+`--hit-threshold P` evaluates the tracker at another working point of its hit assignment (a hit is
+the track's at probability >= P) and names its metrics `<split>_hit<P>/...`, beside the run's own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import mlflow
 from omegaconf import OmegaConf
 
 from muonreg.config import is_hit_filter
-from muonreg.errors import exit_on_user_errors
+from muonreg.errors import UserError, exit_on_user_errors
 from muonreg.evaluation.filter_evaluation import filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
@@ -32,16 +34,24 @@ def evaluate_checkpoint(
     out: str | Path | None = None,
     device: str = "auto",
     reference: bool = True,
+    hit_threshold: float | None = None,
 ) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint written by training; return (metrics, report directory)."""
     state, cfg = read_checkpoint(checkpoint)
+    prefix = metric_prefix(split, hit_threshold)
+    if hit_threshold is not None:
+        if is_hit_filter(cfg) or not 0 < hit_threshold < 1:
+            raise UserError(
+                f"--hit-threshold {hit_threshold}: a tracker's hit probability strictly between 0 and 1"
+            )
+        OmegaConf.update(cfg, "model.hit_mask.threshold", hit_threshold, force_add=True)
     data = build_data(cfg)
     model = build_model(cfg, data.features)
     model.load_state_dict(state["model"])
     dev = resolve_device(device)
     model.to(dev)
     loader = build_loaders(cfg, data, dev)[split]
-    report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{split}"
+    report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{prefix}"
     evaluation = OmegaConf.merge(
         cfg.evaluation, {"fit_reference": reference and cfg.evaluation.fit_reference}
     )
@@ -70,10 +80,15 @@ def evaluate_checkpoint(
         evaluation,
         cfg.paths.data,
         report,
-        prefix=split,
+        prefix=prefix,
     )
     print(text)
     return metrics, report
+
+
+def metric_prefix(split: str, hit_threshold: float | None) -> str:
+    """`test`, or `test_hit0.7` at another working point: its metrics stand beside the run's own."""
+    return split if hit_threshold is None else f"{split}_hit{hit_threshold:g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="report directory (default: beside the checkpoint)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the least-squares fit reference")
+    parser.add_argument(
+        "--hit-threshold",
+        type=float,
+        help="working point of the tracker's hit assignment (default: the run's model.hit_mask.threshold)",
+    )
     args = parser.parse_args(argv)
     with exit_on_user_errors():
         _evaluate(args)
@@ -98,16 +118,17 @@ def _evaluate(args: argparse.Namespace) -> None:
         with checkpoint_file(None, args.run_id, uri) as path:
             report_dir = args.out or path.parent.parent / "report"
             metrics, report = evaluate_checkpoint(
-                path, args.split, report_dir, args.device, not args.no_reference
+                path, args.split, report_dir, args.device, not args.no_reference, args.hit_threshold
             )
+            name = f"evaluation-{metric_prefix(args.split, args.hit_threshold)}"
             with mlflow.start_run(run_id=args.run_id):
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-                mlflow.log_artifacts(str(report), f"evaluation-{args.split}")
+                mlflow.log_artifacts(str(report), name)
             if args.out is None:
-                print(f"report logged to run {args.run_id} as evaluation-{args.split}/")
+                print(f"report logged to run {args.run_id} as {name}/")
     else:
         metrics, report = evaluate_checkpoint(
-            args.checkpoint, args.split, args.out, args.device, not args.no_reference
+            args.checkpoint, args.split, args.out, args.device, not args.no_reference, args.hit_threshold
         )
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.5g}")

@@ -13,8 +13,8 @@ truth matching); a track is a query with `valid_probability` >= 0.5.
     hit_probability    float32 [H, Q]  probability that hit h belongs to query q, in the stored hit order
     valid_probability  float32 [E, Q]  probability that the query holds a muon
     eta, phi, pt, q    float32 [E, Q]  the network's track parameters (pT in GeV, q = +-1)
-    num_assigned       int32   [E, Q]  hits with probability >= attrs["hit_threshold"] (0.5 unless
-                                       --hit-threshold): the track's hits
+    num_assigned       int32   [E, Q]  hits with probability >= attrs["hit_threshold"] (the model's
+                                       model.hit_mask.threshold, 0.5, unless --hit-threshold): the track's hits
     fit/eta, fit/phi, fit/pt, fit/q, fit/chi2_ndf  float32 [E, Q]
                                        least-squares fit (muonreg.reco.fit, outlier-rejecting unless
                                        --plain-fit) of the assigned hits of each track with at least
@@ -57,7 +57,9 @@ from muonreg.training.setup import dataset_path, hit_features, run_splits
 
 FORMAT, VERSION = "muonreg-predictions", 1
 SPLITS = ("test", "val", "train", "all")
-ASSIGNED = 0.5  # by default a hit belongs to a track at probability >= this (as in the evaluation)
+ASSIGNED = (
+    0.5  # a hit belongs to a track at probability >= this, unless the model says (model.hit_mask.threshold)
+)
 FIT_FIELDS = (*FIELDS, "chi2_ndf")
 CHUNK_EVENTS = 1024  # HDF5 chunk height of the per-event datasets
 FIT_TRACKS = 2000  # tracks fitted together (reco.fit.fit_tracks's own batch)
@@ -281,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--hit-threshold", type=float, default=ASSIGNED, help="probability from which a hit is a track's"
+        "--hit-threshold",
+        type=float,
+        help="probability from which a hit is a track's (default: the model's working point, as in its evaluation)",
     )
     fit = parser.add_mutually_exclusive_group()
     fit.add_argument(
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_errors():
         if args.batch_size < 1:
             raise UserError(f"--batch-size={args.batch_size} must be at least 1")
-        if not 0 < args.hit_threshold <= 1:
+        if args.hit_threshold is not None and not 0 < args.hit_threshold <= 1:
             raise UserError(f"--hit-threshold={args.hit_threshold} must be in (0, 1]")
         with checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri, args.model_uri) as path:
             model, cfg = load_model(path)
@@ -307,7 +311,11 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=args.batch_size,
                 device=args.device,
                 fit=None if args.no_fit else "plain" if args.plain_fit else "robust",
-                hit_threshold=args.hit_threshold,
+                hit_threshold=(
+                    args.hit_threshold
+                    if args.hit_threshold is not None
+                    else cfg.model.hit_mask.get("threshold", ASSIGNED)
+                ),
                 source=_source(args),
             )
         elapsed = time.perf_counter() - start

@@ -77,6 +77,7 @@ def test_top_level_keys_and_combinations():
             r"pooling\.ops=.*subset of \['mean', 'sum', 'max', 'min', 'station', 'fit'\]",
         ),
         ("model.num_queries=1", r"model\.num_queries=1 must be at least data\.max_particles=2"),
+        ("model.hit_mask.threshold=1", r"model\.hit_mask\.threshold=1 must be strictly between 0 and 1"),
         ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),
         ("data.path=/nonexistent/dir", r"data\.path='/nonexistent/dir' is not a dataset"),

@@ -11,11 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 from test_train_e2e import ENV, ROOT, run_train, runs
 from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
+from muonreg.evaluate import main as evaluate_main
 from muonreg.evaluation.inference import infer
 from muonreg.reco.fit import fit_tracks
 from muonreg.trained import load_model
@@ -130,3 +132,31 @@ def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
         assert result.returncode == 1 and result.stderr.startswith(expected), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not list(tmp_path.glob("x.h5*"))
+
+
+def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained):
+    """`--hit-threshold` at the model's own 0.5 reproduces the run's test metrics exactly; at 0.3 its
+    metrics and report go to the run under `test_hit0.3`, the run's own untouched."""
+    root, _, run_id = trained
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    before = runs(root)[0].data.metrics
+    for threshold in ("0.5", "0.3"):
+        evaluate_main(
+            ["--run-id", run_id, "--tracking-uri", uri, "--hit-threshold", threshold, "--no-reference"]
+        )
+    (run,) = runs(root)
+    after = run.data.metrics
+    assert {k: v for k, v in after.items() if k.startswith("test/")} == {
+        k: v for k, v in before.items() if k.startswith("test/")
+    }
+    same = [k for k in before if k.startswith("test/") and f"test_hit0.5/{k[5:]}" in after]
+    assert {"test/track_efficiency", "test/fake_rate", "test/loss"} <= set(same)
+    for key in same:
+        assert after[f"test_hit0.5/{key[5:]}"] == pytest.approx(before[key], nan_ok=True), key
+    assert "test_hit0.3/track_efficiency" in after and "test_hit0.3/hit_purity" in after
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "evaluation-test_hit0.3")}
+    assert "evaluation-test_hit0.3/resolution.md" in artifacts
+    with pytest.raises(
+        SystemExit, match=r"--hit-threshold 1\.0: a tracker's hit probability strictly between"
+    ):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--hit-threshold", "1"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from muonreg.tasks import ObjectRegressionTask, WeightedPoolingObjectHitRegressionTask
+from muonreg.tasks import ObjectHitMaskTask, ObjectRegressionTask, WeightedPoolingObjectHitRegressionTask
 from muonreg.tasks.regression import TargetSpace
 
 from conftest import FIELDS, make_model, synthetic_batch
@@ -400,3 +400,24 @@ def test_input_standardisation_is_fitted_and_saved():
     out = norm(x, valid)
     assert out[2, 1] == 0 and out[:, 0].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4)
     assert set(norm.state_dict()) == {"mean", "std"}
+
+
+def test_hit_mask_working_point_by_hand():
+    """A hit is the track's at probability >= threshold: logits 0.4 / 0.9 / 1.2 are probabilities
+    0.599 / 0.711 / 0.769; a padded hit never is."""
+    logits = torch.tensor([[[0.4, 0.9, 1.2, 5.0]]])
+    valid = torch.tensor([[True, True, True, False]])
+    expected = {
+        0.5: [True, True, True, False],
+        0.7: [False, True, True, False],
+        0.75: [False, False, True, False],
+    }
+    for threshold, claimed in expected.items():
+        task = ObjectHitMaskTask(8, threshold=threshold)
+        got = task.predict({"track_hit_logit": logits}, valid)["track_hit_valid"]
+        assert got[0, 0].tolist() == claimed, threshold
+    # the default is the probability 0.5, logit 0 included
+    zero = ObjectHitMaskTask(8).predict(
+        {"track_hit_logit": torch.zeros(1, 1, 1)}, torch.ones(1, 1, dtype=bool)
+    )
+    assert zero["track_hit_valid"].item()

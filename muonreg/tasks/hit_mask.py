@@ -12,14 +12,20 @@ from muonreg.numerics import bce_with_logits, masked_mean, pairwise_bce
 
 
 class ObjectHitMaskTask(nn.Module):
-    """logit[b, n, m] = <query_net(q_n), hit_net(h_m)> / sqrt(dim)."""
+    """logit[b, n, m] = <query_net(q_n), hit_net(h_m)> / sqrt(dim).
 
-    def __init__(self, dim: int, loss_weight: float = 1.0, cost_weight: float = 1.0):
+    `threshold`: the working point, the assignment probability at and above which a hit is the
+    track's in the predictions (tracking metrics, fits of the assigned hits, `muonreg.predict`);
+    training does not see it.
+    """
+
+    def __init__(self, dim: int, loss_weight: float = 1.0, cost_weight: float = 1.0, threshold: float = 0.5):
         super().__init__()
         self.query_net = mlp(dim, dim, dim)
         self.hit_net = mlp(dim, dim, dim)
         self.scale = 1 / math.sqrt(dim)
         self.loss_weight, self.cost_weight = loss_weight, cost_weight
+        self.logit_threshold = math.log(threshold / (1 - threshold))
 
     def logits(self, query: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bnd,bmd->bnm", self.query_net(query), self.hit_net(hits)) * self.scale
@@ -45,4 +51,5 @@ class ObjectHitMaskTask(nn.Module):
         return {"track_hit_bce": masked_mean(bce, mask)}
 
     def predict(self, outputs: dict[str, torch.Tensor], hit_valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"track_hit_valid": (outputs["track_hit_logit"] >= 0) & hit_valid.unsqueeze(1)}
+        claimed = outputs["track_hit_logit"] >= self.logit_threshold
+        return {"track_hit_valid": claimed & hit_valid.unsqueeze(1)}
