@@ -120,7 +120,9 @@ def test_unknown_group_option_and_key_are_hydra_errors_naming_them():
 def test_flatten_gives_dotted_params():
     flat = flatten(_compose("assignment_threshold=0.2"))
     assert flat["assignment_threshold"] == "0.2"
-    assert flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min', 'station', 'fit']"
+    assert (
+        flat["model.dim"] == "32" and flat["pooling.ops"] == "['mean', 'sum', 'max', 'min', 'station', 'fit']"
+    )
     assert flat["pooling.local"] == "False" and flat["model.hit_mask.threshold"] == "0.5"
     assert flat["paths.root"] == str(project_root())
 
