@@ -57,9 +57,7 @@ from muonreg.training.setup import dataset_path, hit_features, run_splits
 
 FORMAT, VERSION = "muonreg-predictions", 1
 SPLITS = ("test", "val", "train", "all")
-ASSIGNED = (
-    0.5  # a hit belongs to a track at probability >= this, unless the model says (model.hit_mask.threshold)
-)
+ASSIGNED = 0.5  # a hit is a track's at probability >= this, unless the model's hit_mask.threshold says
 FIT_FIELDS = (*FIELDS, "chi2_ndf")
 CHUNK_EVENTS = 1024  # HDF5 chunk height of the per-event datasets
 FIT_TRACKS = 2000  # tracks fitted together (reco.fit.fit_tracks's own batch)

@@ -303,11 +303,13 @@ def _train_and_test(
             f"hit efficiency {test_metrics['test/hit_efficiency']:.3f}, hit purity "
             f"{test_metrics['test/hit_purity']:.3f}\nreport: {out / 'evaluation' / 'resolution.md'}"
         )
-    if sink is not None:
-        _log_artifacts(cfg, out, best_path, sink, data)
-    if message is not None:  # last, after the artifacts' logging: what a newcomer reads when the run ends
-        ui = f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else ""
-        log.info("%s%s", message, ui)
+    try:
+        if sink is not None:
+            _log_artifacts(cfg, out, best_path, sink, data)
+    finally:  # last, after the artifacts' logging, and shown even when that fails: what a newcomer reads
+        if message is not None:
+            ui = f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else ""
+            log.info("%s%s", message, ui)
     return best
 
 
