@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_training import _trainer, loaders  # noqa: F401  (the shared small dataset fixture)
+from torch import nn
 
 from muonreg.config import ConfigError, launch_time
 from muonreg.training.checkpoint import load_checkpoint
@@ -149,3 +151,30 @@ def test_when_rank_0_cannot_start_the_run_no_rank_waits_for_it():
         (0, "ConfigError", "resume='x': its run is finished"),
         (1, "MainRankFailed", "rank 0 failed: resume='x': its run is finished"),
     ]
+
+
+def _cycle_groups(rank: int, port: int, cycles: int) -> None:
+    """One rank of a job that, like a sweep's jobs, makes a group, trains, checkpoints and leaves it again."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for _ in range(cycles):
+        world = setup()
+        net = world.wrap(nn.Linear(4, 4))
+        net(torch.randn(2, 4)).sum().backward()
+        world.gather(torch.get_rng_state())  # as a checkpoint does
+        world.close()
+        del net  # DistributedDataParallel held the group's last reference
+
+
+def test_leaving_the_group_after_a_checkpoint_never_hangs():
+    """gloo frees finished work on its own thread, which needs the GIL; before `close` waited for that,
+    freeing the group here hung within 20 cycles every time (6 of 6 tries)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = mp.spawn(_cycle_groups, args=(port, 20), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not job.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in job.processes:
+                process.kill()
+            pytest.fail("a rank hung leaving its process group")

@@ -35,6 +35,8 @@ LAUNCH_TIME = "MUONREG_LAUNCH_TIME"  # rank 0's clock at launch, for `${muonreg.
 # Ranks wait in a collective while rank 0 alone validates (each epoch) or starts the next sweep job
 # after its test evaluation: far longer than a kernel, so NCCL's 10-minute default is too short.
 TIMEOUT = timedelta(minutes=60)
+# How long gloo's threads get to free their finished work before the group goes (`_leave_group`).
+GLOO_SETTLE_S = 0.05
 # A port per SLURM job (jobs sharing a node must not share it), in a range no service uses.
 PORT_BASE, PORT_SPAN = 20000, 20000
 
@@ -121,14 +123,14 @@ class World:
         if not self.is_main:
             value = self.share(None)
             if isinstance(value, MainRankFailed):
-                dist.destroy_process_group()  # together with rank 0: the job is over
+                _leave_group()  # together with rank 0: the job is over
                 raise value
             return value
         try:
             value = make()
         except BaseException as err:
             self.share(MainRankFailed(f"rank 0 failed: {one_line(err)}"))
-            dist.destroy_process_group()
+            _leave_group()
             raise
         return self.share(value)
 
@@ -158,7 +160,18 @@ class World:
         """Leave the process group together: from here on rank 0 works alone."""
         if self.size > 1 and dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            _leave_group()
+
+
+def _leave_group() -> None:
+    """Destroy the process group once gloo's threads have freed their finished work.
+
+    gloo frees a finished work (a barrier's holds the works before it) on its own thread, and freeing
+    a tensor Python made needs the GIL. The group's destructor joins those threads while holding the
+    GIL, so if the group's last reference (often DistributedDataParallel's) goes first, the process
+    hangs (seen under torchrun sweeps). Sleeping hands the GIL over first."""
+    time.sleep(GLOO_SETTLE_S)
+    dist.destroy_process_group()
 
 
 _rendezvous: dict[str, Any] = {}  # the job's store (made once per process) and how many groups it served
