@@ -24,7 +24,7 @@ from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, root_cause
 from muonreg.models import HitFilter, MaskFormer
 from muonreg.tracking.liveness import process_died
-from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
+from muonreg.tracking.store import TrackingError, connect, default_tracking_uri, no_progress_bars
 from muonreg.training.checkpoint import load_checkpoint
 from muonreg.training.setup import build_model, hit_features
 
@@ -58,7 +58,10 @@ def download_best(run_id: str, uri: str, dst: str | Path) -> Path:
     finished_run(connect(uri), run_id, uri)
     mlflow.set_tracking_uri(uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BEST, dst_path=str(dst)))
+        with no_progress_bars():
+            return Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BEST, dst_path=str(dst))
+            )
     except (MlflowException, OSError) as err:  # e.g. a run made with tracking.log_checkpoint=false
         raise TrackingError(f"MLflow run {run_id} has no {BEST} artifact to use ({root_cause(err)})") from err
 
@@ -99,7 +102,8 @@ def checkpoint_file(
         connect(uri)
         mlflow.set_tracking_uri(uri)
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            with no_progress_bars():
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         except (MlflowException, OSError) as err:
             raise TrackingError(f"MLflow model {model_uri} in {uri}: {root_cause(err)}") from err
         yield local / "artifacts" / "best.pt"

@@ -116,6 +116,7 @@ def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
     out = tmp_path / "sub" / "test.h5"
     result = predict("--run-id", run_id, "--out", str(out), "--no-fit", root=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Downloading artifacts" not in result.stderr  # no MLflow progress bar among our lines
     with h5py.File(out) as f:
         assert f.attrs["source"] == f"run {run_id}" and len(f["event_index"]) > 0
         assert not f["fit/ok"][:].any()
@@ -134,7 +135,7 @@ def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
         assert not list(tmp_path.glob("x.h5*"))
 
 
-def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained):
+def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained, capfd):
     """`--hit-threshold` at the model's own 0.5 reproduces the run's test metrics exactly; at 0.3 its
     metrics and report go to the run under `test_hit0.3`, the run's own untouched."""
     root, _, run_id = trained
@@ -144,6 +145,7 @@ def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained)
         evaluate_main(
             ["--run-id", run_id, "--tracking-uri", uri, "--hit-threshold", threshold, "--no-reference"]
         )
+    assert "artifacts:" not in capfd.readouterr().err  # MLflow's transfer progress bars are off
     (run,) = runs(root)
     after = run.data.metrics
     assert {k: v for k, v in after.items() if k.startswith("test/")} == {

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from muonreg.data.geometry import HitGeometry
 from muonreg.evaluation.inference import infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer
+from muonreg.tracking.store import no_progress_bars
 from muonreg.trained import load_model, read_checkpoint
 from muonreg.training.setup import hit_features
 
@@ -141,17 +141,13 @@ def _quiet_mlflow() -> Iterator[None]:
     """Saving logs a warning about pickling (the wrapper holds no state: it loads the checkpoint),
     an info line and a progress bar per run; a training run's summary should be its last words."""
     logger = logging.getLogger("mlflow.pyfunc")
-    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    level = logger.level
     logger.setLevel(logging.ERROR)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        yield
+        with no_progress_bars():
+            yield
     finally:
         logger.setLevel(level)
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def _requirements() -> list[str]:

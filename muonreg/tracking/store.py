@@ -46,6 +46,9 @@ SERVER_HOWTO = (
 )
 
 
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
 class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be used; the message names its URI."""
 
@@ -119,6 +122,20 @@ def creation_lock(uri: str) -> Iterator[None]:
         return
     with exclusive(database.with_name(database.name + ".lock")):
         yield
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Without MLflow's progress bar per artifact transfer: noise between a command's own lines."""
+    before = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_BAR)
+        else:
+            os.environ[PROGRESS_BAR] = before
 
 
 def connect(uri: str) -> MlflowClient:
