@@ -87,9 +87,9 @@ def select_runs(
     parent: str | Sequence[str] | None = None,
     experiment: str | None = None,
     filter_string: str = "",
-) -> tuple[Run | None, list[Run]]:
-    """(the first parent run or None, the runs to compare). Several parents pool the children of
-    sweeps that extend one study (more seeds, another value) into one table."""
+) -> tuple[list[Run], list[Run]]:
+    """(the parent runs, none for an experiment or filter; the runs to compare). Several parents pool
+    the children of sweeps that extend one study (more seeds, another value) into one table."""
     if parent is None and (experiment or filter_string):
         if experiment:
             found = client.get_experiment_by_name(experiment)
@@ -99,7 +99,7 @@ def select_runs(
         else:
             ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(ids, filter_string)
-        return None, [r for r in runs if r.data.tags.get("muonreg.role") != "sweep"]
+        return [], [r for r in runs if r.data.tags.get("muonreg.role") != "sweep"]
     parents = [parent] if isinstance(parent, str) else list(parent or [])
     roots = [client.get_run(p) for p in parents] or [latest_sweep(client)]
     runs = []
@@ -108,7 +108,16 @@ def select_runs(
         if filter_string:
             children_filter += f" and {filter_string}"
         runs += client.search_runs([root.info.experiment_id], filter_string=children_filter)
-    return roots[0], runs
+    return roots, runs
+
+
+def _title(roots: list[Run], selection: str) -> str:
+    """The sweep's name; for pooled sweeps, how many and which (first 8 characters of each id)."""
+    if not roots:
+        return f"runs of {selection}"
+    if len(roots) == 1:
+        return roots[0].info.run_name
+    return f"{len(roots)} sweeps pooled: " + ", ".join(r.info.run_id[:8] for r in roots)
 
 
 def varied(runs: list[Run]) -> list[str]:
@@ -295,23 +304,23 @@ def compare(
     out: str | Path | None = None,
 ) -> tuple[list[dict], Path]:
     client = connect(tracking_uri or default_tracking_uri())
-    root, runs = select_runs(client, parent, experiment, filter_string)
+    roots, runs = select_runs(client, parent, experiment, filter_string)
     if not runs:
         raise SystemExit("no runs match this selection")
     swept = varied(runs)
     rows = table(runs, swept)
-    name = root.info.run_id[:8] if root else (experiment or "selection")
+    name = roots[0].info.run_id[:8] if roots else (experiment or "selection")
     out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
     out.mkdir(parents=True, exist_ok=True)
-    title = root.info.run_name if root else f"runs of {experiment or filter_string}"
     best = _best_line(best_run(runs), swept, len(runs))
+    title = _title(roots, experiment or filter_string)
     (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs), best))
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, swept, out)
-    if root is not None:
+    for root in roots:  # each pooled sweep keeps the comparison it is part of
         client.log_artifacts(root.info.run_id, str(out), "comparison")
     return rows, out
 

@@ -113,8 +113,13 @@ def test_two_sweeps_of_one_study_pool_into_one_table(tmp_path):
         parents.append(latest_sweep(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")).info.run_id)
     assert parents[0] != parents[1]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rows, _ = compare(tracking_uri=uri, parent=parents, out=tmp_path / "report")
+    rows, out = compare(tracking_uri=uri, parent=parents, out=tmp_path / "report")
     assert [(r["assignment_threshold"], r["runs"], r["status"]) for r in rows] == [
         ("0.1", 2, "2 FINISHED"),
         ("0.5", 1, "1 FINISHED"),
     ]
+    title = (out / "compare.md").read_text().splitlines()[0]
+    assert title == f"## 2 sweeps pooled: {parents[0][:8]}, {parents[1][:8]}"
+    client = mlflow.MlflowClient(uri)
+    for parent in parents:  # each sweep keeps the comparison it is part of
+        assert "comparison/compare.md" in {a.path for a in client.list_artifacts(parent, "comparison")}
