@@ -12,8 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train_e2e import client, last_sidecar, run_train, runs, signal_when
+from test_train_e2e import client, last_sidecar, run_train, runs, signal_when, split
 from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
+
+from muonreg.tracking.runs import CONTINUED
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +81,17 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_mlflow_run(root, 
     run_train(root, data_dir, "resume=auto")
     (run,) = runs(root)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+
+
+def test_a_sweep_whose_job_continues_an_earlier_run_finishes_and_names_it(root, data_dir):
+    """`-m resume=auto` continuing a run another launch started: the run stays where it was, and the
+    new sweep ends FINISHED (it had no children of its own: it used to end FAILED) and names the run."""
+    common = ["trainer.max_epochs=2"]
+    signal_when(root, data_dir, common, lambda: last_sidecar(root).get("finished", False))
+    (killed,) = runs(root)
+    run_train(root, data_dir, *common, "resume=auto", multirun=True)
+    (parent,), (run,) = split(runs(root))
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[CONTINUED + run.info.run_id] == "resume"

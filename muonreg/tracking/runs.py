@@ -25,6 +25,9 @@ from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import TrackingError, connect, default_tracking_uri
 
 PARENT_FILE = "mlflow_parent_run_id"  # written into a multirun's sweep dir by the sweep callback
+# Tag on a sweep's parent run, + a run id: a job of this sweep continued that run (resume), which
+# stays with the sweep that started it.
+CONTINUED = "muonreg.continued."
 BUFFER_FILE = "tracking-buffer.jsonl"  # records the store did not take, in the run directory
 
 
@@ -85,6 +88,9 @@ def job_run(cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) ->
         if resume_run_id:
             client.update_run(resume_run_id, status="RUNNING")
             run_id = resume_run_id
+            parent = parent_run_id(job_overrides()[2])
+            if parent and client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID) != parent:
+                client.set_tag(parent, CONTINUED + run_id, "resume")
         else:
             overrides, job_num, sweep_dir = job_overrides()
             name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths."))) or "default"

@@ -5,7 +5,8 @@ jobs (joblib, submitit) never race on SQLite schema creation, and every job find
 `<sweep dir>/mlflow_parent_run_id`. The sweep dir is made before the parent run, so an unwritable
 `hydra.sweep.dir` fails the sweep without leaving a parent behind. Hydra skips `on_multirun_end` when a job fails, so the parent
 is also closed at interpreter exit: FINISHED only if the sweep ended normally and every child
-FINISHED, FAILED otherwise; it never stays RUNNING.
+FINISHED, FAILED otherwise; it never stays RUNNING. A job that continues a run of an earlier sweep
+(`resume=auto`) leaves that run with its own sweep and tags this parent with it (`CONTINUED`).
 
 `torchrun ... train.py -m` runs the sweep in every rank, each job together: only rank 0 makes the
 parent, and the jobs run one after another (the basic launcher). A SLURM sweep on a SQLite store is
@@ -27,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from muonreg.errors import exit_on_user_errors
-from muonreg.tracking.runs import PARENT_FILE, setup_experiment, tracking_uri
+from muonreg.tracking.runs import CONTINUED, PARENT_FILE, setup_experiment, tracking_uri
 from muonreg.tracking.store import SERVER_HOWTO, TrackingError, sqlite_file
 from muonreg.training import distributed
 
@@ -115,10 +116,13 @@ class MlflowSweepCallback(Callback):
         client = self.client
         if client.get_run(self.parent_id).info.status != "RUNNING":
             return
+        parent = client.get_run(self.parent_id)
         children = client.search_runs(
-            [client.get_run(self.parent_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'"
         )
-        ok = self.completed and children and all(c.info.status == "FINISHED" for c in children)
+        # runs of earlier sweeps that this sweep's jobs continued (resume) count as its jobs
+        continued = [client.get_run(k[len(CONTINUED) :]) for k in parent.data.tags if k.startswith(CONTINUED)]
+        jobs = children + continued
+        ok = self.completed and jobs and all(r.info.status == "FINISHED" for r in jobs)
         client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
         log.info("MLflow parent run %s: %s", self.parent_id, "FINISHED" if ok else "FAILED")
