@@ -320,8 +320,8 @@ def compare(
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, swept, out)
-    for root in roots:  # each pooled sweep keeps the comparison it is part of
-        client.log_artifacts(root.info.run_id, str(out), "comparison")
+    if roots:  # the first sweep's: the others may keep a comparison of their own there
+        client.log_artifacts(roots[0].info.run_id, str(out), "comparison")
     return rows, out
 
 
