@@ -114,9 +114,9 @@ class MlflowSweepCallback(Callback):
         if self.parent_id is None:
             return
         client = self.client
-        if client.get_run(self.parent_id).info.status != "RUNNING":
-            return
         parent = client.get_run(self.parent_id)
+        if parent.info.status != "RUNNING":
+            return
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'"
         )
