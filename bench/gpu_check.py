@@ -1,7 +1,7 @@
 """The first GPU run, in one command: what the CPU cannot tell (bench/RESULTS.md, "First GPU run").
 
     python bench/gpu_check.py [--events 4000] [--batch 200] [--steps 30] [--warmup 5] [--workers 8]
-                              [--compile] [--no-smoke]
+                              [--compile] [--no-smoke] [--override key=value ...]
 
 1. machine: the GPU, its compute capability, the precision `trainer.precision=auto` picks, TF32;
 2. attention, for every config in conf/model: the scaled-dot-product-attention kernel a forward pass
@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +132,14 @@ def _accepts(backend: SDPBackend, model, batch: dict, device: torch.device, amp:
 
 
 # -- 3. training, validation, checkpoint --------------------------------------------------------
+def endless(loader) -> Iterator[dict]:
+    """The loader's batches, epoch after epoch: a small dataset must not end the timed steps."""
+    while True:
+        yield from loader
+
+
 def training(trainer: Trainer, loader, args, device: torch.device) -> None:
-    batches = iter(loader)
+    batches = endless(loader)
     events = hits = 0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -257,10 +263,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8 if CUDA else 2, help="DataLoader workers")
     parser.add_argument("--no-smoke", action="store_true", help="skip the train.py smoke run")
     parser.add_argument("--compile", action="store_true", help="train torch.compile(model, dynamic=True)")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="extra Hydra overrides, e.g. data.path=DIR (then nothing is simulated)",
+    )
     args = parser.parse_args()
     header(sys.argv)
-    path = bench_dataset(args.events, seed=args.seed)
-    overrides = [f"data.path={path}", "trainer=gpu", f"trainer.batch_size={args.batch}"]
+    own_data = any(o.startswith("data.path=") for o in args.override)
+    path = None if own_data else bench_dataset(args.events, seed=args.seed)
+    overrides = [
+        *([] if own_data else [f"data.path={path}"]),
+        "trainer=gpu",
+        f"trainer.batch_size={args.batch}",
+        *args.override,
+    ]
     cfg = config([*overrides, f"trainer.num_workers={args.workers}"])
     device = torch.device("cuda" if CUDA else "cpu")
     amp = machine(device, cfg)

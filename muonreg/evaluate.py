@@ -6,6 +6,8 @@ the least-squares fit of the same muons and the diagnostics (truth assignment, f
 assigned hits), and writes tables and plots. A hit-filter checkpoint (model=hit_filter) gets the
 filter's evaluation instead (ROC, AUC, working points, per technology and |eta| region). With
 `--run-id` the best checkpoint is fetched from that MLflow run and the report is logged back to it.
+`--set KEY=VALUE ...` changes the stored configuration for this evaluation only, e.g.
+`--set trainer.precision=bf16` to see what bf16 autocast does to the physics of a float32-trained model.
 `--hit-threshold P` evaluates the tracker at another working point of its hit assignment (a hit is
 the track's at probability >= P) and names its metrics `<split>_hit<P>/...`, beside the run's own.
 """
@@ -13,10 +15,12 @@ the track's at probability >= P) and names its metrics `<split>_hit<P>/...`, bes
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import is_hit_filter
 from muonreg.errors import UserError, exit_on_user_errors
@@ -24,8 +28,10 @@ from muonreg.evaluation.filter_evaluation import filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
 from muonreg.trained import add_source_arguments, checkpoint_file, read_checkpoint
-from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.device import allow_tf32, autocast_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
+
+MISSING_KEY = object()
 
 
 def evaluate_checkpoint(
@@ -35,10 +41,12 @@ def evaluate_checkpoint(
     device: str = "auto",
     reference: bool = True,
     hit_threshold: float | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint written by training; return (metrics, report directory)."""
     state, cfg = read_checkpoint(checkpoint)
-    prefix = metric_prefix(split, hit_threshold)
+    cfg = with_overrides(cfg, overrides)
+    prefix = metric_prefix(split, hit_threshold, overrides)
     if hit_threshold is not None:
         if is_hit_filter(cfg) or not 0 < hit_threshold < 1:
             raise UserError(
@@ -49,6 +57,7 @@ def evaluate_checkpoint(
     model = build_model(cfg, data.features)
     model.load_state_dict(state["model"])
     dev = resolve_device(device)
+    allow_tf32(dev, cfg.trainer.tf32)  # as the run's own evaluation had it
     model.to(dev)
     loader = build_loaders(cfg, data, dev)[split]
     report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{prefix}"
@@ -86,9 +95,21 @@ def evaluate_checkpoint(
     return metrics, report
 
 
-def metric_prefix(split: str, hit_threshold: float | None) -> str:
-    """`test`, or `test_hit0.7` at another working point: its metrics stand beside the run's own."""
-    return split if hit_threshold is None else f"{split}_hit{hit_threshold:g}"
+def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The stored configuration with `key=value` changes; an unknown key or a bad value is a UserError."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or OmegaConf.select(cfg, key, default=MISSING_KEY) is MISSING_KEY:
+            raise UserError(f"--set {override!r}: expected KEY=VALUE with KEY in the run's configuration")
+        OmegaConf.update(cfg, key, yaml.safe_load(value))
+    return cfg
+
+
+def metric_prefix(split: str, hit_threshold: float | None, overrides: Sequence[str] = ()) -> str:
+    """`test`; `test_hit0.7` at another working point, `test_trainer.precision-bf16` with a changed
+    configuration: such metrics stand beside the run's own instead of replacing them."""
+    prefix = split if hit_threshold is None else f"{split}_hit{hit_threshold:g}"
+    return "_".join([prefix, *(o.replace("=", "-") for o in overrides)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="working point of the tracker's hit assignment (default: the run's model.hit_mask.threshold)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the run's stored configuration for this evaluation, e.g. trainer.precision=bf16",
+    )
     args = parser.parse_args(argv)
     with exit_on_user_errors():
         _evaluate(args)
@@ -118,9 +146,15 @@ def _evaluate(args: argparse.Namespace) -> None:
         with checkpoint_file(None, args.run_id, uri) as path:
             report_dir = args.out or path.parent.parent / "report"
             metrics, report = evaluate_checkpoint(
-                path, args.split, report_dir, args.device, not args.no_reference, args.hit_threshold
+                path,
+                args.split,
+                report_dir,
+                args.device,
+                not args.no_reference,
+                args.hit_threshold,
+                args.set,
             )
-            name = f"evaluation-{metric_prefix(args.split, args.hit_threshold)}"
+            name = f"evaluation-{metric_prefix(args.split, args.hit_threshold, args.set)}"
             with mlflow.start_run(run_id=args.run_id):
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
                 mlflow.log_artifacts(str(report), name)
@@ -128,7 +162,13 @@ def _evaluate(args: argparse.Namespace) -> None:
                 print(f"report logged to run {args.run_id} as {name}/")
     else:
         metrics, report = evaluate_checkpoint(
-            args.checkpoint, args.split, args.out, args.device, not args.no_reference, args.hit_threshold
+            args.checkpoint,
+            args.split,
+            args.out,
+            args.device,
+            not args.no_reference,
+            args.hit_threshold,
+            args.set,
         )
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.5g}")

@@ -95,14 +95,18 @@ def portable_cosh(x: torch.Tensor) -> torch.Tensor:
 
 
 def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.linalg.solve of 3x3 systems [..., 3, 3] x = [..., 3] (closed form while exporting)."""
+    """torch.linalg.solve of 3x3 systems [..., 3, 3] x = [..., 3] (closed form while exporting).
+
+    The `_ex` forms skip the singularity check, which on a GPU makes the host wait for the device at
+    every call; the track fit's normal matrices carry a prior on their diagonal and are never singular.
+    """
     if exporting():
         return (inverse3(a) @ b.unsqueeze(-1)).squeeze(-1)
-    return torch.linalg.solve(a, b)
+    return torch.linalg.solve_ex(a, b).result
 
 
 def inverse(a: torch.Tensor) -> torch.Tensor:
-    return inverse3(a) if exporting() else torch.linalg.inv(a)
+    return inverse3(a) if exporting() else torch.linalg.inv_ex(a).inverse
 
 
 def atan(x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,8 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         # the loss of each field is divided by this share of its expected error (1: not at all)
         curvature = torch.tensor([f in CURVATURE for f in self.fields])
         self.register_buffer("pull_fields", curvature & (pull_loss > 0), persistent=False)
+        anchored = torch.tensor([f in ANCHORS for f in self.fields])  # a buffer: no host copy per step
+        self.register_buffer("anchored_fields", anchored, persistent=False)
         self.pull_loss = pull_loss
         self.detach_assignment = detach_assignment
         half = dim // 2
@@ -233,12 +235,11 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
 
     def _anchor(self, fit: dict[str, torch.Tensor]) -> torch.Tensor:
         """The fit's estimates of the targets, in the internal space (the mean, 0, where it has none)."""
-        known = torch.tensor([f in ANCHORS for f in self.fields], device=self.space.mean.device)
         physical = torch.stack(
             [ANCHORS[f](fit) if f in ANCHORS else torch.zeros_like(fit["qpt"]) for f in self.fields], -1
         ).to(self.space.mean.dtype)
         encoded = self.space.encode_values(physical).clamp(-ANCHOR_LIMIT, ANCHOR_LIMIT)
-        return torch.where(known, encoded, torch.zeros_like(encoded))
+        return torch.where(self.anchored_fields, encoded, torch.zeros_like(encoded))
 
     @torch.no_grad()
     def _correction_scale(self, fit: dict[str, torch.Tensor]) -> torch.Tensor:
