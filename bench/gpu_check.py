@@ -293,6 +293,7 @@ def main() -> None:
     fit_normalizations(model, data.datasets["train"], list(cfg.inverse_fields.targets))
     model.to(device)
     optimizer = build_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay)
+    OUT.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=OUT))
     trainer = Trainer(
         torch.compile(model, dynamic=True) if args.compile else model,

@@ -176,6 +176,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.device", device, "must be auto, cpu, cuda or cuda:N")
     if tr.precision not in PRECISIONS:
         _fail("trainer.precision", tr.precision, f"must be one of {list(PRECISIONS)}")
+    if cfg.evaluation.get("precision", "fp32") not in PRECISIONS:
+        _fail("evaluation.precision", cfg.evaluation.precision, f"must be one of {list(PRECISIONS)}")
     if not isinstance(tr.tf32, bool):
         _fail("trainer.tf32", tr.tf32, "must be true or false")
     for key in ("batch_size", "eval_batch_size", "max_epochs", "max_consecutive_nonfinite"):

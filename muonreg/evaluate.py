@@ -7,7 +7,7 @@ assigned hits), and writes tables and plots. A hit-filter checkpoint (model=hit_
 filter's evaluation instead (ROC, AUC, working points, per technology and |eta| region). With
 `--run-id` the best checkpoint is fetched from that MLflow run and the report is logged back to it.
 `--set KEY=VALUE ...` changes the stored configuration for this evaluation only, e.g.
-`--set trainer.precision=bf16` to see what bf16 autocast does to the physics of a float32-trained model.
+`--set evaluation.precision=bf16` to see what bf16 inference does to the physics.
 `--hit-threshold P` evaluates the tracker at another working point of its hit assignment (a hit is
 the track's at probability >= P) and names its metrics `<split>_hit<P>/...`, beside the run's own.
 """
@@ -28,7 +28,7 @@ from muonreg.evaluation.filter_evaluation import filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
 from muonreg.trained import add_source_arguments, checkpoint_file, read_checkpoint
-from muonreg.training.device import allow_tf32, autocast_dtype, resolve_device
+from muonreg.training.device import allow_tf32, evaluation_dtype, resolve_device
 from muonreg.training.setup import build_data, build_loaders, build_model
 
 MISSING_KEY = object()
@@ -72,7 +72,7 @@ def evaluate_checkpoint(
             loader,
             data.datasets[split],
             dev,
-            autocast_dtype(dev, cfg.trainer.precision),
+            evaluation_dtype(dev, cfg),
             list(cfg.model.working_points),
             list(cfg.evaluation.eta_bins),
             report,
@@ -85,7 +85,7 @@ def evaluate_checkpoint(
         loader,
         data.datasets[split],
         dev,
-        autocast_dtype(dev, cfg.trainer.precision),
+        evaluation_dtype(dev, cfg),
         evaluation,
         cfg.paths.data,
         report,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="change the run's stored configuration for this evaluation, e.g. trainer.precision=bf16",
+        help="change the run's stored configuration for this evaluation, e.g. evaluation.precision=bf16",
     )
     args = parser.parse_args(argv)
     with exit_on_user_errors():

@@ -52,7 +52,7 @@ from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer
 from muonreg.reco.fit import MIN_HITS
 from muonreg.trained import add_source_arguments, checkpoint_file, load_model
-from muonreg.training.device import autocast_dtype, resolve_device
+from muonreg.training.device import evaluation_dtype, resolve_device
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
 FORMAT, VERSION = "muonreg-predictions", 1
@@ -210,7 +210,7 @@ def predict(
     dataset = MuonEventDataset(reader, features, [], int(cfg.data.max_particles), indices=indices)
     dev = resolve_device(device)
     model.to(dev)
-    amp = autocast_dtype(dev, cfg.trainer.precision)
+    amp = evaluation_dtype(dev, cfg)
     loader = make_loader(dataset, batch_size, shuffle=False, bucket_by_hits=False)
     attrs = {
         "format": FORMAT,

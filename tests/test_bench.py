@@ -50,9 +50,24 @@ def test_training_benchmark_prints_throughput_and_memory(tmp_path):
 
 
 def test_gpu_check_runs_without_mlflow_and_names_what_needs_cuda(tmp_path):
-    # 7 steps of batch 50 outlast one epoch of the 276 training events: the check goes on into the next
-    args = ["--events", "300", "--batch", "50", "--steps", "6", "--warmup", "1", "--workers", "0"]
-    found = output(tmp_path, "gpu_check.py", *args, without=("mlflow", "matplotlib", "sqlalchemy"))
+    """On a dataset of one's own (nothing simulated, the output folder not there yet); 7 steps of batch 50
+    outlast one epoch of its 276 training events: the check goes on into the next."""
+    from muonreg.data.simulate import write_simulated_dataset
+
+    data = write_simulated_dataset(tmp_path / "data", 300, seed=0, progress=False)
+    args = [
+        "--batch",
+        "50",
+        "--steps",
+        "6",
+        "--warmup",
+        "1",
+        "--workers",
+        "0",
+        "--override",
+        f"data.path={data}",
+    ]
+    found = output(tmp_path / "out", "gpu_check.py", *args, without=("mlflow", "matplotlib", "sqlalchemy"))
     assert float(found["train_events_per_s"]) > 0 and float(found["eval_events_per_s"]) > 0
     assert found["sdpa_default[reference]"].startswith(("flash", "efficient", "cudnn", "math"))
     assert found["sdpa_math[reference]"] == "ok"

@@ -80,6 +80,10 @@ def test_top_level_keys_and_combinations():
         ("model.hit_mask.threshold=1", r"model\.hit_mask\.threshold=1 must be strictly between 0 and 1"),
         ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),
+        (
+            "evaluation.precision=fp16",
+            r"evaluation\.precision='fp16' must be one of \['auto', 'fp32', 'bf16'\]",
+        ),
         ("data.path=/nonexistent/dir", r"data\.path='/nonexistent/dir' is not a dataset"),
         ("resume=/no/such.pt", r"resume='/no/such\.pt' must be null, auto or the path"),
         ("seed=-1", r"seed=-1 must be an integer from 0 to 4294967295"),

@@ -73,3 +73,17 @@ def test_bf16_autocast_keeps_hit_embedding_and_regression_at_high_pt(batch):
     assert relative.max() < 1e-3, relative.max()
     assert torch.equal(full["track_truthMuon_q"], half["track_truthMuon_q"])
     assert (full["track_truthMuon_eta"] - half["track_truthMuon_eta"])[valid].abs().max() < 1e-4
+
+
+def test_the_evaluation_runs_in_float32_unless_asked_whatever_the_training_precision():
+    """`evaluation.precision` (fp32 by default, also for checkpoints written before the key), not
+    `trainer.precision`, sets the autocast of test evaluation and prediction."""
+    from omegaconf import OmegaConf
+
+    from muonreg.training.device import evaluation_dtype
+
+    cpu = torch.device("cpu")
+    trained_in_bf16 = OmegaConf.create({"trainer": {"precision": "bf16"}, "evaluation": {}})
+    assert evaluation_dtype(cpu, trained_in_bf16) is None
+    trained_in_bf16.evaluation.precision = "bf16"
+    assert evaluation_dtype(cpu, trained_in_bf16) is torch.bfloat16

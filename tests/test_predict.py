@@ -165,32 +165,24 @@ def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained,
 
 
 def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained):
-    """`--set trainer.precision=fp32` is what the CPU run had (auto): the same test metrics, under their
-    own prefix; `--set trainer.precision=bf16` evaluates in bf16 autocast (on CPU too), the run's own
-    metrics untouched; a key the run's configuration lacks fails naming it."""
+    """The test evaluation runs in float32 whatever the training's precision: `--set trainer.precision=bf16`
+    gives the run's own test metrics, under their own prefix; `--set evaluation.precision=bf16` evaluates
+    in bf16 autocast (on CPU too), the run's own metrics untouched; a key the run lacks fails naming it."""
     root, _, run_id = trained
     uri = f"sqlite:///{root / 'mlflow.db'}"
     before = runs(root)[0].data.metrics
-    for precision in ("fp32", "bf16"):
+    for key in ("trainer", "evaluation"):
         evaluate_main(
-            [
-                "--run-id",
-                run_id,
-                "--tracking-uri",
-                uri,
-                "--no-reference",
-                "--set",
-                f"trainer.precision={precision}",
-            ]
+            ["--run-id", run_id, "--tracking-uri", uri, "--no-reference", "--set", f"{key}.precision=bf16"]
         )
     after = runs(root)[0].data.metrics
     own = {k: v for k, v in before.items() if k.startswith("test/")}
     assert {k: v for k, v in after.items() if k.startswith("test/")} == own
-    fp32 = {k[5:]: v for k, v in own.items() if f"test_trainer.precision-fp32/{k[5:]}" in after}
-    assert {"track_efficiency", "loss"} <= set(fp32)
-    for key, value in fp32.items():
-        assert after[f"test_trainer.precision-fp32/{key}"] == pytest.approx(value, nan_ok=True), key
-    bf16 = after["test_trainer.precision-bf16/loss"]
+    same = {k[5:]: v for k, v in own.items() if f"test_trainer.precision-bf16/{k[5:]}" in after}
+    assert {"track_efficiency", "loss"} <= set(same)
+    for key, value in same.items():
+        assert after[f"test_trainer.precision-bf16/{key}"] == pytest.approx(value, nan_ok=True), key
+    bf16 = after["test_evaluation.precision-bf16/loss"]
     assert np.isfinite(bf16) and bf16 != own["test/loss"]  # bf16 rounding reaches the loss
     with pytest.raises(SystemExit, match=r"--set 'trainer.precison=bf16': expected KEY=VALUE"):
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--set", "trainer.precison=bf16"])

@@ -14,6 +14,7 @@ import ctypes
 import sys
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError
 
@@ -48,6 +49,12 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
             "emulate it, slower than float32; use trainer.precision=auto or fp32"
         )
     return torch.bfloat16
+
+
+def evaluation_dtype(device: torch.device, cfg: DictConfig) -> torch.dtype | None:
+    """The autocast dtype of test evaluation and prediction: `evaluation.precision`, float32 by default
+    (also for checkpoints written before the key), whatever the training's precision."""
+    return autocast_dtype(device, OmegaConf.select(cfg, "evaluation.precision", default="fp32"))
 
 
 def allow_tf32(device: torch.device, allowed: bool) -> None:

@@ -26,7 +26,13 @@ from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import connect, warn_if_shared_sqlite
 from muonreg.training import distributed
 from muonreg.training.checkpoint import config_hash, load_checkpoint
-from muonreg.training.device import allow_tf32, autocast_dtype, release_freed_memory, resolve_device
+from muonreg.training.device import (
+    allow_tf32,
+    autocast_dtype,
+    evaluation_dtype,
+    release_freed_memory,
+    resolve_device,
+)
 from muonreg.training.health import HealthGuard
 from muonreg.training.interrupts import Interrupts
 from muonreg.training.loop import Trainer
@@ -278,7 +284,7 @@ def _train_and_test(
             loaders["test"],
             test,
             device,
-            trainer.amp_dtype,
+            evaluation_dtype(device, cfg),
             list(cfg.model.working_points),
             list(cfg.evaluation.eta_bins),
             out / "evaluation",
@@ -291,7 +297,7 @@ def _train_and_test(
             loaders["test"],
             test,
             device,
-            trainer.amp_dtype,
+            evaluation_dtype(device, cfg),
             cfg.evaluation,
             cfg.paths.data,
             out / "evaluation",
