@@ -1,4 +1,4 @@
-"""The first GPU run, in one command: what the CPU cannot tell (bench/RESULTS.md, "First GPU run").
+"""The first GPU run, in one command: what the CPU cannot tell (bench/RESULTS.md, "GPU: the first runs").
 
     python bench/gpu_check.py [--events 4000] [--batch 200] [--steps 30] [--warmup 5] [--workers 8]
                               [--compile] [--no-smoke] [--override key=value ...]
