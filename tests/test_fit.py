@@ -117,3 +117,20 @@ def test_fit_events_reads_a_dataset(tmp_path):
         "q_true",
         "ok",
     }
+
+
+def test_fits_shared_by_worker_processes_equal_the_fits_in_one(monkeypatch):
+    """`workers` processes each fit a share of the tracks (the default: one per core and per
+    MIN_TRACKS_PER_WORKER tracks); the results, robust ones included, are the same but for the last bit
+    (a share is padded to its own longest track, which can reorder a sum)."""
+    from muonreg.reco import fit
+
+    muons, _ = _muons(40, 5, SimulationConfig())
+    monkeypatch.setattr(fit, "MIN_TRACKS_PER_WORKER", 10)
+    for robust in (False, True):
+        alone = fit_tracks(muons, INDEX, robust=robust, workers=1)
+        shared = fit_tracks(muons, INDEX, robust=robust, workers=3)
+        assert alone.keys() == shared.keys()
+        for key, value in alone.items():
+            np.testing.assert_allclose(shared[key], value, rtol=1e-12, atol=0, err_msg=key)
+        assert np.array_equal(shared["ok"], alone["ok"]) and np.array_equal(shared["q"], alone["q"])

@@ -15,7 +15,11 @@ dropped with a tightening cut, as real track fits reject outliers. Hits with a m
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 
 import numpy as np
 
@@ -30,6 +34,7 @@ STEPS = int((det.MAX_PATH - START) / det.STEP)
 WIRE_SIGMA = det.TUBE_RADIUS / np.sqrt(3)  # first pass: a tube hit as its wire, spread over the tube
 FD_STEPS = np.array([1e-6, 1e-6, 1e-6])  # finite-difference steps for (psi, alpha, q/p)
 MIN_HITS = 4  # three parameters and at least one degree of freedom
+MIN_TRACKS_PER_WORKER = 500  # ~4 s of fitting: more than a worker costs to start
 # Outlier rejection (robust=True): normalised-residual cuts of successive iterations, loosest first.
 WIRE_CUTS = (30.0, 12.0, 6.0, 4.0)
 DRIFT_CUTS = (40.0, 15.0, 8.0, 5.0)
@@ -260,15 +265,28 @@ def _initial(m: Measurements) -> np.ndarray:
 
 
 def fit_tracks(
-    tracks: list[np.ndarray], index: dict[str, int], batch: int = 2000, robust: bool = False
+    tracks: list[np.ndarray],
+    index: dict[str, int],
+    batch: int = 2000,
+    robust: bool = False,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit many muons, `batch` at a time; each entry of `tracks` holds one muon's hits (on-disk columns).
 
     `robust`: reject outliers (hits that are not the muon's), as a fit of a tracker's hits must.
-    Returns pt, the momentum measured after the calorimeters p_ms, eta, phi, q, chi2_ndf, the hits
-    used and `ok` per track.
+    `workers`: processes sharing the tracks (default: the cores this process may use, one per
+    MIN_TRACKS_PER_WORKER tracks); numpy runs each fit on one core, and an evaluation has nothing
+    else to do meanwhile. Returns pt, the momentum measured after the calorimeters p_ms, eta, phi, q,
+    chi2_ndf, the hits used and `ok` per track.
     """
-    parts = [_fit_batch(tracks[i : i + batch], index, robust) for i in range(0, len(tracks), batch)]
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tracks) // MIN_TRACKS_PER_WORKER))
+    size = min(batch, -(-len(tracks) // workers))
+    chunks = [tracks[i : i + size] for i in range(0, len(tracks), size)]
+    if workers == 1:
+        parts = [_fit_batch(chunk, index, robust) for chunk in chunks]
+    else:  # forked from a clean server process started once (not from the caller and its threads)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+            parts = list(pool.map(_fit_batch, chunks, repeat(index), repeat(robust)))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
