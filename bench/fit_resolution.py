@@ -1,6 +1,6 @@
 """Resolution and bias of the least-squares MS-standalone fit of the truth hits, in bins of pT and |eta|.
 
-    python bench/fit_resolution.py [--events 8000] [--seed 0]
+    python bench/fit_resolution.py [--events 8000] [--seed 0] [--workers N]
 
 sigma(pT)/pT as the 68 % core half-width and as RMS (of the central 98 %, so a handful of wild
 fits do not hide the shape), the median pT bias, charge mis-identification, eta and phi core
@@ -49,6 +49,7 @@ def table(name: str, value: np.ndarray, bins, fit: dict, truth: np.ndarray) -> N
 
 def main() -> None:
     parser = arguments(__doc__, events=8000)
+    parser.add_argument("--workers", type=int, help="fitting processes (default: one per core)")
     args = parser.parse_args()
     header(sys.argv)
     hits, tracks = simulate_events(args.events, args.seed)
@@ -56,8 +57,9 @@ def main() -> None:
     muons = [h[h[:, link] == k] for h, t in zip(hits, tracks, strict=True) for k in range(len(t))]
     truth = np.concatenate(tracks)
     start = time.perf_counter()
-    fit = fit_tracks(muons, INDEX)
-    print(f"fit_ms_per_track: {(time.perf_counter() - start) / len(muons) * 1e3:.1f}")
+    fit = fit_tracks(muons, INDEX, workers=args.workers)
+    print(f"# {len(muons)} muons")
+    print(f"fit_ms_per_track: {(time.perf_counter() - start) / len(muons) * 1e3:.2f}")
     print(f"fit_ok_fraction: {fit['ok'].mean():.4f}")
     table("pT [GeV]", truth[:, 0], PT_BINS, fit, truth)
     table("abs(eta)", np.abs(truth[:, 1]), ETA_BINS, fit, truth)

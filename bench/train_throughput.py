@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from muonreg.config import project_root
 from muonreg.evaluation.inference import forward_loss
-from muonreg.training.device import release_freed_memory, to_device
+from muonreg.training.device import autocast_dtype, release_freed_memory, to_device
 from muonreg.training.health import HealthGuard
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
@@ -109,6 +109,7 @@ def main() -> None:
         build_scheduler(optimizer, 1000),
         loaders,
         device=device,
+        amp_dtype=autocast_dtype(device, cfg.trainer.precision),
         checkpoint_dir=project_root() / "bench/out/checkpoints",
         guard=HealthGuard(5, project_root() / "bench/out/nonfinite"),
     )
