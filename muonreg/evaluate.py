@@ -96,12 +96,15 @@ def evaluate_checkpoint(
 
 
 def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """The stored configuration with `key=value` changes; an unknown key or a bad value is a UserError."""
+    """The stored configuration with `key=value` changes (values in YAML); an unknown key is a UserError."""
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or OmegaConf.select(cfg, key, default=MISSING_KEY) is MISSING_KEY:
             raise UserError(f"--set {override!r}: expected KEY=VALUE with KEY in the run's configuration")
-        OmegaConf.update(cfg, key, yaml.safe_load(value))
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value))
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {override!r}: the value is not valid YAML ({err.problem})") from err
     return cfg
 
 

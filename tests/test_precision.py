@@ -80,6 +80,7 @@ def test_the_evaluation_runs_in_float32_unless_asked_whatever_the_training_preci
     `trainer.precision`, sets the autocast of test evaluation and prediction."""
     from omegaconf import OmegaConf
 
+    from muonreg.config import ConfigError
     from muonreg.training.device import evaluation_dtype
 
     cpu = torch.device("cpu")
@@ -87,3 +88,6 @@ def test_the_evaluation_runs_in_float32_unless_asked_whatever_the_training_preci
     assert evaluation_dtype(cpu, trained_in_bf16) is None
     trained_in_bf16.evaluation.precision = "bf16"
     assert evaluation_dtype(cpu, trained_in_bf16) is torch.bfloat16
+    trained_in_bf16.evaluation.precision = "fp16"  # e.g. from `muonreg.evaluate --set`: never bf16 silently
+    with pytest.raises(ConfigError, match=r"precision='fp16' must be one of \['auto', 'fp32', 'bf16'\]"):
+        evaluation_dtype(cpu, trained_in_bf16)

@@ -167,7 +167,7 @@ def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained,
 def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained):
     """The test evaluation runs in float32 whatever the training's precision: `--set trainer.precision=bf16`
     gives the run's own test metrics, under their own prefix; `--set evaluation.precision=bf16` evaluates
-    in bf16 autocast (on CPU too), the run's own metrics untouched; a key the run lacks fails naming it."""
+    in bf16 autocast (on CPU too), the run's own metrics untouched; a key the run lacks or a value that is not YAML fails naming it."""
     root, _, run_id = trained
     uri = f"sqlite:///{root / 'mlflow.db'}"
     before = runs(root)[0].data.metrics
@@ -186,3 +186,5 @@ def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained)
     assert np.isfinite(bf16) and bf16 != own["test/loss"]  # bf16 rounding reaches the loss
     with pytest.raises(SystemExit, match=r"--set 'trainer.precison=bf16': expected KEY=VALUE"):
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--set", "trainer.precison=bf16"])
+    with pytest.raises(SystemExit, match=r"--set 'trainer.precision=\[bf16': the value is not valid YAML"):
+        evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--set", "trainer.precision=[bf16"])

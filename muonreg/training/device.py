@@ -16,7 +16,7 @@ import sys
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from muonreg.config import ConfigError
+from muonreg.config import PRECISIONS, ConfigError
 
 AMPERE = (8, 0)  # compute capability with native bf16 and TF32
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -40,6 +40,8 @@ def ampere_or_newer(device: torch.device) -> bool:
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32 (`auto`: bf16 on Ampere or newer GPUs only)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
     if precision == "fp32" or (precision == "auto" and not ampere_or_newer(device)):
         return None
     if device.type == "cuda" and not ampere_or_newer(device):
