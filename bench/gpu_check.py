@@ -271,14 +271,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     header(sys.argv)
-    own_data = any(o.startswith("data.path=") for o in args.override)
-    path = None if own_data else bench_dataset(args.events, seed=args.seed)
-    overrides = [
-        *([] if own_data else [f"data.path={path}"]),
-        "trainer=gpu",
-        f"trainer.batch_size={args.batch}",
-        *args.override,
-    ]
+    overrides = ["trainer=gpu", f"trainer.batch_size={args.batch}", *args.override]
+    if not any(o.startswith("data.path=") for o in args.override):
+        overrides.insert(0, f"data.path={bench_dataset(args.events, seed=args.seed)}")
     cfg = config([*overrides, f"trainer.num_workers={args.workers}"])
     device = torch.device("cuda" if CUDA else "cpu")
     amp = machine(device, cfg)
