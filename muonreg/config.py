@@ -183,6 +183,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size", "max_epochs", "max_consecutive_nonfinite"):
         if not isinstance(tr[key], int) or tr[key] < 1:
             _fail(f"trainer.{key}", tr[key], "must be a positive integer")
+    if tr.num_workers != "auto" and (not isinstance(tr.num_workers, int) or tr.num_workers < 0):
+        _fail("trainer.num_workers", tr.num_workers, "must be auto or a number of loader processes >= 0")
     if not tr.lr > 0:
         _fail("trainer.lr", tr.lr, "must be positive")
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):

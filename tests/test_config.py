@@ -81,6 +81,12 @@ def test_top_level_keys_and_combinations():
         ("trainer.device=tpu", r"trainer\.device='tpu' must be auto, cpu, cuda or cuda:N"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a positive integer"),
         (
+            "trainer.num_workers=two",
+            r"trainer\.num_workers='two' must be auto or a number of loader processes",
+        ),
+        ("trainer.num_workers=-1", r"trainer\.num_workers=-1 must be auto or a number"),
+        ("trainer.num_workers=3", None),
+        (
             "evaluation.precision=fp16",
             r"evaluation\.precision='fp16' must be one of \['auto', 'fp32', 'bf16'\]",
         ),

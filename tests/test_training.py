@@ -1,6 +1,7 @@
 """The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -11,11 +12,13 @@ from muonreg.config import ConfigError
 from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.features import HitFeatures
 from muonreg.data.format import DatasetReader
+from muonreg.machine import usable_cores
 from muonreg.training.checkpoint import load_checkpoint
 from muonreg.training.device import to_device
 from muonreg.training.health import HealthGuard, NonFiniteTrainingError
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
+from muonreg.training.setup import LOADER_WORKERS, loader_workers
 
 from conftest import FIELDS, make_model, random_events, write_reference_dataset
 
@@ -239,3 +242,16 @@ def test_input_standardisation_can_be_switched_off(loaders, standardize):
     assert model.regression_task.space.mean[FIELDS.index("truthMuon_eta")].item() == pytest.approx(
         eta.mean(), abs=1e-5
     )
+
+
+def test_auto_loader_workers_follow_the_cores_this_process_may_use():
+    assert loader_workers(3) == 3 and loader_workers(0) == 0
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})  # as a batch job given one core
+        assert usable_cores() == 1
+        assert loader_workers("auto") == 0
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert usable_cores() == len(cores)
+    assert loader_workers("auto") == (0 if len(cores) <= 2 else LOADER_WORKERS)

@@ -16,7 +16,6 @@ dropped with a tightening cut, as real track fits reject outliers. Hits with a m
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
@@ -25,6 +24,7 @@ import numpy as np
 
 from muonreg import detector as det
 from muonreg.data.schema import Technology
+from muonreg.machine import usable_cores
 from muonreg.reco.energy_loss import expected_loss
 
 BARREL_STATIONS = {s.index for s in det.STATIONS if s.barrel}
@@ -279,7 +279,7 @@ def fit_tracks(
     else to do meanwhile. Returns pt, the momentum measured after the calorimeters p_ms, eta, phi, q,
     chi2_ndf, the hits used and `ok` per track.
     """
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tracks) // MIN_TRACKS_PER_WORKER))
+    workers = max(1, min(workers or usable_cores(), len(tracks) // MIN_TRACKS_PER_WORKER))
     size = min(batch, -(-len(tracks) // workers))
     chunks = [tracks[i : i + size] for i in range(0, len(tracks), size)]
     if workers == 1:

@@ -19,6 +19,7 @@ from muonreg.data.format import DatasetReader
 from muonreg.data.schema import QPT
 from muonreg.data.simulate import SimulationConfig
 from muonreg.evaluation.metrics import FIELDS
+from muonreg.machine import usable_cores
 from muonreg.models import HitFilter, MaskFormer, Matcher
 from muonreg.tasks import (
     ObjectHitMaskTask,
@@ -109,12 +110,28 @@ def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
     return RunData(path, features, datasets)
 
 
+LOADER_WORKERS = 2  # DataLoader processes where the machine has cores beside torch's compute threads
+
+
+def loader_workers(setting: int | str) -> int:
+    """`trainer.num_workers`; `auto`: none on two cores or fewer, where a loader process takes a core
+    from torch's two compute threads and training is ~1.1x faster loading in the main process
+    (bench/RESULTS.md, "Sweeps"), else LOADER_WORKERS."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if usable_cores() <= 2 else LOADER_WORKERS
+
+
 def build_loaders(
     cfg: DictConfig, data: RunData, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> dict[str, torch.utils.data.DataLoader]:
     tr = cfg.trainer
     pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
-    common = {"num_workers": tr.num_workers, "pin_memory": pin, "bucket_by_hits": cfg.data.bucket_by_hits}
+    common = {
+        "num_workers": loader_workers(tr.num_workers),
+        "pin_memory": pin,
+        "bucket_by_hits": cfg.data.bucket_by_hits,
+    }
     return {
         "train": make_loader(
             data.datasets["train"],
