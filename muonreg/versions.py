@@ -7,7 +7,7 @@ digest recorded below. Update both together.
 """
 
 SIMULATOR_VERSION = 3  # muonreg/detector.py, muonreg/data/simulate.py
-FIT_VERSION = 6  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes)
+FIT_VERSION = 7  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes; 7: cores from muonreg.machine)
 
 SIMULATOR_DIGEST = "12a843c385c4be49"
-FIT_DIGEST = "f874d834d098e568"
+FIT_DIGEST = "dd01e41e460479b8"
