@@ -52,7 +52,7 @@ hit-filter: install  # the hit filter on simulated high-occupancy events (~1100 
 sweep: data  # the assignment-threshold study
 	$(PY) train.py -m +experiment=threshold_sweep $(ARGS)
 
-ablation: data  # inverse-pT regression on/off
+ablation: data  # the momentum target: q/pT, 1/pT + q or pT
 	$(PY) train.py -m +experiment=inverse_pt_ablation $(ARGS)
 
 search: data  # Optuna hyperparameter search; the same command again continues it

@@ -115,8 +115,8 @@ LOADER_WORKERS = 2  # DataLoader processes where the machine has cores beside to
 
 def loader_workers(setting: int | str) -> int:
     """`trainer.num_workers`; `auto`: none on two cores or fewer, where a loader process takes a core
-    from torch's two compute threads and training is ~1.1x faster loading in the main process
-    (bench/RESULTS.md, "Sweeps"), else LOADER_WORKERS."""
+    from torch's compute threads (training on two cores is ~1.1x faster loading in the main process:
+    bench/RESULTS.md, "Sweeps"), else LOADER_WORKERS."""
     if setting != "auto":
         return int(setting)
     return 0 if usable_cores() <= 2 else LOADER_WORKERS
