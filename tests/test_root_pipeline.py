@@ -386,14 +386,18 @@ def test_killed_prepare_leaves_no_dataset_and_the_rerun_completes(tmp_path):
     assert is_dataset(out) and len(DatasetReader(out)) == 48 and not (tmp_path / "ds.partial").exists()
 
 
-def test_simulate_command_keeps_hdf5_as_its_default_and_pileup_needs_root(tmp_path, capsys):
+def test_simulate_command_keeps_hdf5_as_its_default_and_writes_filter_datasets_with_pileup(tmp_path, capsys):
     from muonreg.data.simulate_cli import main as simulate_main
 
     simulate_main(["--events", "5", "--out", str(tmp_path / "h5")])
     assert is_dataset(tmp_path / "h5") and len(DatasetReader(tmp_path / "h5")) == 5
+    simulate_main(["--events", "6", "--out", str(tmp_path / "pu"), "--pileup", "20", "--uncompressed"])
+    reader = DatasetReader(tmp_path / "pu")
+    assert 0 < len(reader) <= 6 and reader.num_hits().mean() > 20 * HITS_PER_MU * 0.8
+    assert _metadata(tmp_path / "pu")["processing_parameters"]["pileup"] == 20
     with pytest.raises(SystemExit):
-        simulate_main(["--events", "5", "--out", str(tmp_path / "x"), "--pileup", "200"])
-    assert "--pileup needs --format root" in capsys.readouterr().err and not (tmp_path / "x").exists()
+        simulate_main(["--events", "5", "--out", str(tmp_path / "x"), "--pileup", "-1"])
+    assert "--pileup -1: the mean pile-up must be >= 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_a_file_failing_part_way_leaves_none_of_its_blocks_when_skipped(dump_dir, tmp_path):

@@ -16,6 +16,9 @@ measurements themselves, in float32 metres, and what each hit measures. For ever
                     nominal alignment precision for tubes
     station         0 inner, 1 middle, 2 outer, 3 extra endcap (EE) MDT station; 4 trigger strips
     multilayer      0 or 1: which of a station's two tube multilayers
+    layer           the stored layer number (tube layer 1-8 of a station, or trigger gas gap 1-9)
+    time_residual   recorded time minus the time of flight from the vertex to the hit (ns): a tube's
+                    drift time, or a strip's distance from the muon's arrival (0 without a time column)
 
 A hit missing any column the fit needs is marked invalid for the fit (`valid` False) and its row
 is zero; the network still sees it through its input features.
@@ -43,6 +46,8 @@ GEOMETRY = (
     "sigma",
     "station",
     "multilayer",
+    "layer",
+    "time_residual",
 )
 G = {name: i for i, name in enumerate(GEOMETRY)}
 STATION_GROUPS = 5  # inner, middle, outer, extra (EE), trigger strips
@@ -59,6 +64,7 @@ _NEEDED = [f"spacePoint_globEdge{e}{c}" for e in ("High", "Low") for c in "XYZ"]
     "spacePoint_covXX",
     "spacePoint_driftR",
 ]
+TIME = "spacePoint_time"  # optional: only the time residual needs it
 MISSING = -999.0
 
 
@@ -75,6 +81,7 @@ class HitGeometry:
 
     def __init__(self, columns: Sequence[str]):
         self._cols = None if missing_columns(columns) else [list(columns).index(c) for c in _NEEDED]
+        self._time = list(columns).index(TIME) if TIME in columns else None
 
     def __call__(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._cols is None:
@@ -102,6 +109,12 @@ class HitGeometry:
         out[:, G["sigma"]] = np.sqrt(np.maximum(cov, 0.0) + alignment) * 1e-3
         out[:, G["station"]] = np.where(mdt, _GROUP_OF_STATION[index], STATION_GROUPS - 1)
         out[:, G["multilayer"]] = mdt & (layer > _LAYERS_PER_MULTILAYER[index])
+        out[:, G["layer"]] = layer
+        if self._time is not None:
+            time = hits[:, self._time].astype(np.float64)
+            known = np.isfinite(time) & (time != MISSING)
+            flight = np.linalg.norm(centre, axis=1) * 1e3 / det.C_MM_PER_NS
+            out[:, G["time_residual"]] = np.where(known, time - flight, 0.0)
         valid &= out[:, G["sigma"]] > 0
         out[~valid] = 0.0
         return out, valid

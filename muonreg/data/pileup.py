@@ -15,17 +15,36 @@ of hepattn's ATLAS-muon experiment (jonathanrenusch/hepattn_muon, EVALUATION_SUM
 725 835 hits in 100 PU200 events before the filter, 7 258 per event, 99.3 % of them not on a
 muon. `HITS_PER_MU` makes `muonreg-simulate --format root --pileup 200` give that mean (about
 7 260 hits per event, measured in tests/test_root_pipeline.py); it scales linearly with mu.
+
+`simulate_dump` makes the events of a hit dump (the simulator's muons and the noise near them,
+with no hit cap, plus this background); `write_pileup_dataset` writes them straight into the
+filter dataset that `muonreg-prepare root` makes of the same events written as ROOT files, through
+the same reference cuts (`muonreg.data.cuts`), block by block, without the ROOT round trip.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from tqdm import tqdm
 
 from muonreg import detector as det
-from muonreg.data.schema import HIT_FEATURES
-from muonreg.data.simulate import _measure_drift, _noise_radius, _strip_rows, _tube_rows
+from muonreg.data.cuts import Counts, Cuts, apply_cuts
+from muonreg.data.format import DatasetWriter
+from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
+from muonreg.data.simulate import (
+    SimulationConfig,
+    _first_per_readout,
+    _measure_drift,
+    _noise_radius,
+    _strip_rows,
+    _tube_rows,
+    simulate_events,
+)
 
 REFERENCE_HITS_PER_EVENT_PU200 = 7258  # 725 835 hits / 100 events, before the hit filter
 HITS_PER_MU = 36.1  # background hits per event per unit of mu, calibrated to the number above
@@ -33,6 +52,8 @@ STRIP_SHARE = 0.2  # share of the background on RPC/TGC strips, the rest on MDT 
 INNER_STATIONS = {"BI", "EI"}
 INNER_WEIGHT = 2.0
 TRIGGER_WINDOW = 25.0  # ns either side of the time of flight
+NO_HIT_LIMIT = np.iinfo(np.int16).max  # the layout's num_hits is int16
+EVENTS_PER_BLOCK = 500  # events simulated and written together: ~0.6 GB of rows at pile-up 200
 
 
 def _tube_weights() -> np.ndarray:
@@ -118,3 +139,95 @@ def background_hits(rng: np.random.Generator, n_events: int, mu: float) -> tuple
     rows[strip] = _strip_hits(rng, int(strip.sum()))
     rows[:, HIT_FEATURES.index("spacePoint_truthLink")] = -1
     return rows, event
+
+
+def dump_config(config: SimulationConfig | None = None) -> SimulationConfig:
+    """The simulator settings of a pre-filter dump: no hit cap, muons with one hit kept."""
+    return dataclasses.replace(config or SimulationConfig(), max_hits=NO_HIT_LIMIT, min_hits_per_muon=1)
+
+
+def simulate_dump(
+    n_events: int, seed: int, pileup: float = 0.0, config: SimulationConfig | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`n_events` events with muons, as per-event hits [n, 20] and tracks [k, 4] (schema order)."""
+    config = dump_config(config)
+    hits, tracks = simulate_events(n_events, seed, config)
+    rng = np.random.default_rng([seed, 0xB6])
+    rows, event = background_hits(rng, n_events, pileup)
+    rows = np.concatenate([*hits, rows.astype(np.float32)])
+    event = np.concatenate([np.repeat(np.arange(n_events), [len(h) for h in hits]), event])
+    keep = _first_per_readout(rows, event)  # one hit per tube or strip, muon or background
+    rows, event = rows[keep], event[keep]
+    order = np.lexsort((rng.random(len(event)), event))
+    rows, event = rows[order], event[order]
+    return np.split(rows, np.searchsorted(event, np.arange(1, n_events))), tracks
+
+
+def dump_blocks(n_events: int, seed: int, files: int) -> list[tuple[int, int, int]]:
+    """(block seed, first event number, events) of the `files` blocks a dump of `n_events` is
+    simulated in, each with its own seed (the ROOT writer's files are these blocks)."""
+    sizes = [len(part) for part in np.array_split(np.arange(n_events), files)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [(seed * 10_000 + k, int(starts[k]), sizes[k]) for k in range(files)]
+
+
+def detector_config(seed: int, config: SimulationConfig | None = None) -> SimulationConfig:
+    """One detector (chamber alignment) for every block of a dump: the config's, else the seed's."""
+    config = config or SimulationConfig()
+    return config if config.alignment_seed is not None else dataclasses.replace(config, alignment_seed=seed)
+
+
+def write_pileup_dataset(
+    out_dir: str | Path,
+    n_events: int,
+    seed: int = 0,
+    files: int = 1,
+    pileup: float = 200.0,
+    config: SimulationConfig | None = None,
+    cuts: Cuts | None = None,
+    compression: str | None = "gzip",
+    progress: bool = True,
+) -> Path:
+    """Simulate `n_events` events at pile-up `pileup` and write those passing the reference cuts as a
+    filter dataset (no hit limit) of `files` data files or more (at most EVENTS_PER_BLOCK events
+    each); same arguments give identical bytes, and the same events as `muonreg-simulate --format
+    root` with these arguments (and as many files) prepared by `muonreg-prepare root`."""
+    from muonreg.versions import SIMULATOR_VERSION
+
+    cuts = cuts or Cuts()
+    config = detector_config(seed, config)
+    parameters = {
+        **dataclasses.asdict(cuts),
+        "simulator": dump_config(config).to_dict(),
+        "simulator_version": SIMULATOR_VERSION,
+        "seed": seed,
+        "events": n_events,
+        "pileup": pileup,
+    }
+    total = Counts()
+    with (
+        DatasetWriter(
+            out_dir,
+            hit_features=HIT_FEATURES,
+            track_features=TRACK_FEATURES,
+            processing_parameters=parameters,
+            compression=compression,
+        ) as writer,
+        tqdm(total=n_events, desc=f"simulating (pile-up {pileup:g})", unit="ev", disable=not progress) as bar,
+    ):
+        blocks = dump_blocks(n_events, seed, max(files, math.ceil(n_events / EVENTS_PER_BLOCK)))
+        for block_seed, first, size in blocks:
+            hits, tracks = simulate_dump(size, block_seed, pileup, config)
+            events, counts = apply_cuts(
+                np.concatenate(hits),
+                np.array([len(h) for h in hits]),
+                np.concatenate(tracks),
+                np.array([len(t) for t in tracks]),
+                cuts,
+            )
+            total.add(counts)
+            if counts.events_kept:
+                writer.write_file(events.hits, events.tracks, (first + events.kept).tolist())
+            bar.update(size)
+        writer.processing_summary = dataclasses.asdict(total)
+    return Path(out_dir)

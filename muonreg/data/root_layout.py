@@ -61,9 +61,11 @@ def write_tree(
     hits: Sequence[np.ndarray],
     tracks: Sequence[np.ndarray],
     event_numbers: Sequence[int],
+    rntuple: bool = False,
 ) -> None:
     """Write events (hits [n, 20] in HIT_FEATURES order, tracks [k, 4] in TRACK_FEATURES order)
-    as one `MuonHitDump` tree."""
+    as one `MuonHitDump` TTree, or with `rntuple` an RNTuple (the format ATLAS writes from Run 4)
+    whose fields are named as the tree's branches, each a vector per event."""
     hit_rows = np.concatenate(hits) if len(hits) else np.zeros((0, len(HIT_FEATURES)), np.float32)
     muon_rows = np.concatenate(tracks) if len(tracks) else np.zeros((0, len(TRACK_FEATURES)), np.float32)
     data = {
@@ -71,6 +73,15 @@ def write_tree(
         MUON_GROUP: _grouped(MUON_GROUP, MUON_BRANCH_TYPES, muon_rows, np.array([len(t) for t in tracks])),
         EVENT_NUMBER: np.asarray(event_numbers, dtype=EVENT_NUMBER_TYPE),
     }
+    if rntuple:
+        fields = {
+            f"{group}_{field}": data[group][field]
+            for group in (HIT_GROUP, MUON_GROUP)
+            for field in data[group].fields
+        }
+        with uproot.recreate(path) as f:
+            f.mkrntuple(TREE, {**fields, EVENT_NUMBER: data[EVENT_NUMBER]})
+        return
     with uproot.recreate(path) as f:
         f.mktree(
             TREE,

@@ -3,13 +3,9 @@
     muonreg-prepare root --input DIR --output DIR [--workers N] [cuts] [--on-error fail|skip]
 
 Follows the reference preparation (hepattn `atlas_muon/prep_events_multiprocess.py`): every
-`*.root` file of DIR is read (its first tree, see `root_layout`), one file per task. In each event:
-1. hits of excluded technologies are removed (`--no-NSW`: sTGC and MM, `--no-RPC`: RPC); an event
-   left without hits is dropped;
-2. a truth muon with hits fails if pT < pt_threshold, |eta| > eta_threshold or it keeps fewer than
-   num_hits_threshold hits; its hits become background (truthLink -1);
-3. the remaining muons are renumbered 0..n-1 in their original order (truthLink follows) and are
-   the event's tracks; an event left without a muon is dropped.
+`*.root` file of DIR is read (its first TTree or RNTuple, see `root_layout`), one file per task, and its events
+go through the reference's cuts (`muonreg.data.cuts`: technology removal, muon pT, |eta| and
+hit-count cuts, renumbering; events without hits or muons dropped).
 No hit limit: pre-filter events have thousands of hits. A source file is read and written in blocks
 of 500 entries (bounded memory), each `data/<stem>_<block>.h5`, named with its ROOT file in
 `event_mapping.chunk_summary`; metadata.yaml records the cuts
@@ -29,7 +25,7 @@ import multiprocessing as mp
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import awkward as ak
@@ -38,73 +34,27 @@ import uproot
 from tqdm import tqdm
 
 from muonreg.data import root_layout
+from muonreg.data.cuts import Counts, Cuts, Events, TruthLinkError, apply_cuts
 from muonreg.data.format import DatasetWriter, write_event_file
-from muonreg.data.schema import HIT_FEATURES, NOISE_LINK, TRACK_FEATURES, TRUTH_LINK, Technology
+from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors
 
 ON_ERROR = ("fail", "skip")
+TREE_CLASSES = ("TTree", "ROOT::RNTuple", "ROOT::Experimental::RNTuple")
 BRANCHES = [*HIT_FEATURES, *TRACK_FEATURES, root_layout.EVENT_NUMBER]
 # Entries read, cut and written together (one data/*.h5 each): bounds a worker's memory, ~1 GB at PU200.
 EVENTS_PER_FILE = 500
-_LINK = HIT_FEATURES.index(TRUTH_LINK)
-_TECHNOLOGY = HIT_FEATURES.index("spacePoint_technology")
-_PT, _ETA = TRACK_FEATURES.index("truthMuon_pt"), TRACK_FEATURES.index("truthMuon_eta")
 
 
 class RootFileError(UserError):
     """A ROOT file that cannot be prepared; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
-class Cuts:
-    """The reference's cuts, with its defaults and its metadata key names."""
-
-    pt_threshold: float = 5.0  # GeV: muons below are dropped
-    eta_threshold: float = 2.7  # muons with |eta| above are dropped
-    num_hits_threshold: int = 3  # muons with fewer hits (after technology removal) are dropped
-    no_NSW: bool = False  # remove sTGC and MM hits (the reference's metadata key, capitals included)
-    no_rpc: bool = False  # remove RPC hits
-
-    def excluded_technologies(self) -> list[int]:
-        return [Technology.STGC, Technology.MM] * self.no_NSW + [Technology.RPC] * self.no_rpc
-
-
-@dataclass
-class Counts:
-    """What the cuts did to the events of one or more files."""
-
-    events_seen: int = 0
-    events_kept: int = 0
-    events_dropped: dict[str, int] = field(default_factory=lambda: {"no_hits": 0, "no_muon": 0})
-    muons_seen: int = 0
-    muons_kept: int = 0
-    muons_dropped: int = 0
-    muons_failing: dict[str, int] = field(default_factory=lambda: {"pt": 0, "eta": 0, "num_hits": 0})
-    hits_kept: int = 0
-
-    def add(self, other: Counts) -> None:
-        for name, value in asdict(other).items():
-            if isinstance(value, dict):
-                mine = getattr(self, name)
-                for key in value:
-                    mine[key] += value[key]
-            else:
-                setattr(self, name, getattr(self, name) + value)
-
-
-@dataclass
-class Events:
-    """The events of one file that pass the cuts, per event (schema column order)."""
-
-    hits: list[np.ndarray]
-    tracks: list[np.ndarray]
-    numbers: np.ndarray
-
-
 def _first_tree(path: Path, file: uproot.ReadOnlyDirectory) -> uproot.TTree:
-    trees = [key for key, kind in file.classnames().items() if kind == "TTree"]
+    """The file's first TTree or RNTuple (ATLAS writes RNTuple from Run 4): uproot reads both alike."""
+    trees = [key for key, kind in file.classnames().items() if kind in TREE_CLASSES]
     if not trees:
-        raise RootFileError(f"{path}: no TTree in the file (keys: {list(file.keys())})")
+        raise RootFileError(f"{path}: no TTree or RNTuple in the file (keys: {list(file.keys())})")
     return file[trees[0]]
 
 
@@ -163,80 +113,27 @@ def _entry_lengths(path: Path, arrays: ak.Array, first_entry: int) -> tuple[np.n
     return lengths[0], lengths[1]
 
 
-def apply_cuts(path: Path, arrays: ak.Array, cuts: Cuts, first_entry: int = 0) -> tuple[Events, Counts]:
+def cut_block(
+    path: Path, arrays: ak.Array, cuts: Cuts, first_entry: int = 0
+) -> tuple[Events, np.ndarray, Counts]:
     """The events of a block of entries (from `first_entry` of `path`) that pass `cuts`, relabelled and
-    renumbered, and what the cuts removed. Takes `arrays` over: it is freed as soon as it is copied
-    into flat tables (pile-up events are large)."""
+    renumbered, their event numbers, and what the cuts removed. Takes `arrays` over: it is freed as
+    soon as it is copied into flat tables (pile-up events are large)."""
     hit_counts, muon_counts = _entry_lengths(path, arrays, first_entry)
     all_numbers = ak.to_numpy(arrays[root_layout.EVENT_NUMBER])
     hits = _flat(arrays, HIT_FEATURES)
     muons = _flat(arrays, TRACK_FEATURES)
     del arrays
-    n_events = len(hit_counts)
-    event = np.repeat(np.arange(n_events), hit_counts)
-    muon_event = np.repeat(np.arange(n_events), muon_counts)
-    muon_start = np.concatenate([[0], np.cumsum(muon_counts)])[:-1]
-
-    link = hits[:, _LINK].astype(np.int64)
-    bad = (link < NOISE_LINK) | (link >= muon_counts[event])
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise RootFileError(
-            f"{path}: entry {first_entry + event[i]}: {TRUTH_LINK}={link[i]} but the entry has "
-            f"{muon_counts[event[i]]} "
-            "truthMuon entries"
-        )
-    linked = link >= 0
-    muon_of_hit = np.where(linked, muon_start[event] + link, -1)
-    seen = np.bincount(muon_of_hit[linked], minlength=len(muons)) > 0
-
-    kept_hit = ~np.isin(hits[:, _TECHNOLOGY], cuts.excluded_technologies())
-    hits_left = np.bincount(muon_of_hit[linked & kept_hit], minlength=len(muons))
-    failing = {
-        "pt": seen & (muons[:, _PT] < cuts.pt_threshold),
-        "eta": seen & (np.abs(muons[:, _ETA]) > cuts.eta_threshold),
-        "num_hits": seen & (hits_left < cuts.num_hits_threshold),
-    }
-    kept_muon = seen & ~(failing["pt"] | failing["eta"] | failing["num_hits"])
-
-    muons_per_event = np.bincount(muon_event[kept_muon], minlength=n_events)
-    has_hits = np.bincount(event[kept_hit], minlength=n_events) > 0
-    kept_event = has_hits & (muons_per_event > 0)
-
-    # renumber the kept muons 0..n-1 within their event, in their original order
-    first_of_event = np.concatenate([[0], np.cumsum(muons_per_event)])[:-1]
-    new_index = np.cumsum(kept_muon) - 1 - first_of_event[muon_event]
-    on_kept_muon = linked.copy()
-    on_kept_muon[linked] = kept_muon[muon_of_hit[linked]]
-    hits[:, _LINK] = NOISE_LINK
-    hits[on_kept_muon, _LINK] = new_index[muon_of_hit[on_kept_muon]]
-
-    rows = kept_hit & kept_event[event]
-    out_hits, out_event = hits[rows], event[rows]
-    del hits
-    out_tracks, out_muon_event = muons[kept_muon], muon_event[kept_muon]
-    kept_ids = np.flatnonzero(kept_event)
-    numbers = all_numbers[kept_ids]
+    try:
+        events, counts = apply_cuts(hits, hit_counts, muons, muon_counts, cuts, first_entry)
+    except TruthLinkError as err:
+        raise RootFileError(f"{path}: {err}") from err
+    numbers = all_numbers[events.kept]
     if len(numbers) and numbers.max() > np.iinfo(np.int64).max:
         raise RootFileError(
             f"{path}: {root_layout.EVENT_NUMBER} {numbers.max()} does not fit the layout's int64"
         )
-    events = Events(
-        hits=np.split(out_hits, np.searchsorted(out_event, kept_ids)[1:]),
-        tracks=np.split(out_tracks, np.searchsorted(out_muon_event, kept_ids)[1:]),
-        numbers=numbers.astype(np.int64),
-    )
-    counts = Counts(
-        events_seen=n_events,
-        events_kept=len(kept_ids),
-        events_dropped={"no_hits": int((~has_hits).sum()), "no_muon": int((has_hits & ~kept_event).sum())},
-        muons_seen=int(seen.sum()),
-        muons_kept=int(kept_muon.sum()),
-        muons_dropped=int((seen & ~kept_muon).sum()),
-        muons_failing={name: int(mask.sum()) for name, mask in failing.items()},
-        hits_kept=len(out_hits),
-    )
-    return events, counts
+    return events, numbers.astype(np.int64), counts
 
 
 @dataclass
@@ -269,8 +166,8 @@ def prepare_file(
     try:
         with open_tree(source) as tree:
             for block, start in enumerate(range(0, tree.num_entries, events_per_file)):
-                # the block goes straight to apply_cuts, which frees it once copied: one block in memory
-                events, counts = apply_cuts(
+                # the block goes straight to cut_block, which frees it once copied: one block in memory
+                events, numbers, counts = cut_block(
                     source, read_block(source, tree, start, start + events_per_file), cuts, start
                 )
                 total.add(counts)
@@ -280,7 +177,7 @@ def prepare_file(
                         tmp_dir / name,
                         events.hits,
                         events.tracks,
-                        events.numbers,
+                        numbers,
                         hit_features=HIT_FEATURES,
                         track_features=TRACK_FEATURES,
                         compression=compression,

@@ -14,7 +14,6 @@ shuffled. All files share one detector (chamber alignment) and the seed fixes ev
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,32 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from muonreg.data import root_layout
-from muonreg.data.pileup import background_hits
-from muonreg.data.simulate import SimulationConfig, _first_per_readout, simulate_events
-
-NO_HIT_LIMIT = np.iinfo(np.int16).max  # the layout's num_hits is int16
-
-
-def dump_config(config: SimulationConfig | None = None) -> SimulationConfig:
-    """The simulator settings of a pre-filter dump: no hit cap, muons with one hit kept."""
-    return dataclasses.replace(config or SimulationConfig(), max_hits=NO_HIT_LIMIT, min_hits_per_muon=1)
-
-
-def simulate_dump(
-    n_events: int, seed: int, pileup: float = 0.0, config: SimulationConfig | None = None
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """`n_events` events with muons, as per-event hits [n, 20] and tracks [k, 4] (schema order)."""
-    config = dump_config(config)
-    hits, tracks = simulate_events(n_events, seed, config)
-    rng = np.random.default_rng([seed, 0xB6])
-    rows, event = background_hits(rng, n_events, pileup)
-    rows = np.concatenate([*hits, rows.astype(np.float32)])
-    event = np.concatenate([np.repeat(np.arange(n_events), [len(h) for h in hits]), event])
-    keep = _first_per_readout(rows, event)  # one hit per tube or strip, muon or background
-    rows, event = rows[keep], event[keep]
-    order = np.lexsort((rng.random(len(event)), event))
-    rows, event = rows[order], event[order]
-    return np.split(rows, np.searchsorted(event, np.arange(1, n_events))), tracks
+from muonreg.data.pileup import detector_config, dump_blocks, simulate_dump
+from muonreg.data.simulate import SimulationConfig
 
 
 def write_simulated_root(
@@ -58,25 +33,25 @@ def write_simulated_root(
     pileup: float = 0.0,
     config: SimulationConfig | None = None,
     progress: bool = True,
+    rntuple: bool = False,
 ) -> Path:
     """Write `n_events` simulated events as `files` ROOT files in `out_dir` (created; written in
-    `<out_dir>.partial` and renamed when complete)."""
+    `<out_dir>.partial` and renamed when complete): TTrees, or RNTuples with `rntuple`."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another --out")
-    config = dataclasses.replace(
-        config or SimulationConfig(), alignment_seed=seed
-    )  # one detector for all files
+    config = detector_config(seed, config)  # one detector for all files
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        sizes = [len(part) for part in np.array_split(np.arange(n_events), files)]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        for k in tqdm(range(files), desc="simulating", unit="file", disable=not progress):
-            hits, tracks = simulate_dump(sizes[k], seed * 10_000 + k, pileup, config)
-            numbers = np.arange(starts[k], starts[k + 1])
-            root_layout.write_tree(tmp_dir / f"simulated_{k:04d}.root", hits, tracks, numbers)
+        blocks = dump_blocks(n_events, seed, files)
+        for k, (block_seed, first, size) in enumerate(
+            tqdm(blocks, desc="simulating", unit="file", disable=not progress)
+        ):
+            hits, tracks = simulate_dump(size, block_seed, pileup, config)
+            numbers = np.arange(first, first + size)
+            root_layout.write_tree(tmp_dir / f"simulated_{k:04d}.root", hits, tracks, numbers, rntuple)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -93,4 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--files", type=int, default=1, help="number of ROOT files")
     parser.add_argument(
         "--pileup", type=float, default=0.0, help="mean pile-up <mu>: 200 gives ~7 260 hits per event"
+    )
+
+
+def add_root_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rntuple", action="store_true", help="write RNTuples (ATLAS's format from Run 4) instead of TTrees"
     )
