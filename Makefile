@@ -26,28 +26,31 @@ data: install
 root-data: install  # ATLAS ROOT hit dumps -> HDF5, e.g. make root-data ARGS="--input ntuples/ --output data/filter --workers 8"
 	$(PY) -m muonreg.prepare root $(ARGS)
 
-# The whole ATLAS chain on a small simulated example, in minutes on a CPU (PIPELINE is rebuilt from
-# scratch): ROOT dumps with pile-up -> filter dataset -> hit filter -> tracking dataset -> tracker.
-# At PILEUP=200 (~7 260 hits per event) the filter needs GPU-sized training to keep <= 600 hits.
+# The whole ATLAS chain at HL-LHC pile-up (PIPELINE is rebuilt from scratch): ROOT dumps with pile-up ->
+# filter dataset -> hit filter -> tracking dataset (simulated events the filter never saw, kept at its
+# stored cut) -> tracker -> a per-stage summary (python -m muonreg.pipeline PIPELINE).
 PIPELINE ?= pipeline
-PILEUP ?= 10
+PILEUP ?= 200
+FILTER_EVENTS ?= 2000
+TRACKER_EVENTS ?= 30000
+FILTER_ARGS ?=
+TRACKER_ARGS ?=
 pipeline: install
 	rm -rf $(PIPELINE)
-	$(PY) -m muonreg.data.simulate_cli --format root --events 2000 --files 4 --pileup $(PILEUP) --out $(PIPELINE)/ntuples
-	$(PY) -m muonreg.prepare root --input $(PIPELINE)/ntuples --output $(PIPELINE)/filter_data --workers 2
-	$(PY) train.py model=hit_filter data.path=$(PIPELINE)/filter_data trainer.max_epochs=2 \
-		tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/filter_run $(ARGS)
+	$(PY) -m muonreg.data.simulate_cli --format root --events $(FILTER_EVENTS) --files 4 --pileup $(PILEUP) --out $(PIPELINE)/ntuples
+	$(PY) -m muonreg.prepare root --input $(PIPELINE)/ntuples --output $(PIPELINE)/filter_data --workers 2 --uncompressed
+	$(PY) train.py +experiment=hit_filter data.path=$(PIPELINE)/filter_data \
+		tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/filter_run $(FILTER_ARGS)
 	$(PY) -m muonreg.prepare filter --checkpoint $(PIPELINE)/filter_run/checkpoints/best.pt --working-point 0.99 \
-		--max-hits 600 --max-tracks 2 --input $(PIPELINE)/filter_data --output $(PIPELINE)/tracking_data
-	$(PY) train.py data.path=$(PIPELINE)/tracking_data trainer.max_epochs=2 \
-		tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/tracker_run $(ARGS)
+		--max-hits 600 --max-tracks 2 --simulate $(TRACKER_EVENTS) --pileup $(PILEUP) --seed 1 --output $(PIPELINE)/tracking_data
+	$(PY) train.py data.path=$(PIPELINE)/tracking_data tracking.experiment=pipeline hydra.run.dir=$(PIPELINE)/tracker_run $(TRACKER_ARGS)
+	$(PY) -m muonreg.pipeline $(PIPELINE)
 
 train: data
 	$(PY) train.py $(ARGS)
 
-hit-filter: install  # the hit filter on simulated high-occupancy events (~1100 hits, 3 % of muons)
-	$(PY) train.py model=hit_filter data.simulation.events=5000 data.simulation.noise_scale=20 \
-		+data.simulation.max_hits=20000 $(ARGS)
+hit-filter: install  # the hit filter on simulated pile-up-200 events (~7 260 hits, 0.7 % of muons)
+	$(PY) train.py +experiment=hit_filter $(ARGS)
 
 sweep: data  # the assignment-threshold study
 	$(PY) train.py -m +experiment=threshold_sweep $(ARGS)

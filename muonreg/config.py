@@ -18,6 +18,7 @@ from muonreg.data.features import DERIVED
 from muonreg.data.format import is_dataset, read_metadata
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError
+from muonreg.models.hit_filter import ORDERS
 from muonreg.training.distributed import LAUNCH_TIME
 
 POOLING_OPS = ("mean", "sum", "max", "min", "station", "fit")
@@ -201,8 +202,19 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_hit_filter(m: DictConfig, names: list[str]) -> None:
-    if m.sort_by not in names:
+    if m.order not in ORDERS:
+        _fail("model.order", m.order, f"must be one of {list(ORDERS)}")
+    if m.order == "phi" and m.sort_by not in names:
         _fail("model.sort_by", m.sort_by, f"must be one of the input features {names}")
+    for key in ("layers", "neighbours", "attention_layers"):
+        if not isinstance(m[key], int) or m[key] < 0:
+            _fail(f"model.{key}", m[key], "must be a whole number >= 0")
+    if not (m.layers and m.neighbours) and not m.attention_layers:
+        _fail(
+            "model.layers",
+            m.layers,
+            "the filter needs neighbourhood layers (and neighbours) or attention_layers",
+        )
     if m.window is not None and (not isinstance(m.window, int) or m.window < 1):
         _fail("model.window", m.window, "must be a positive number of hits, or null for full attention")
     wps = list(m.working_points)

@@ -1,4 +1,4 @@
-"""Export a trained tracker to ONNX and check it with ONNX Runtime against torch:
+"""Export a trained tracker or hit filter to ONNX and check it with ONNX Runtime against torch:
 `python -m muonreg.export (--run-id ID | --checkpoint PATH) --out model.onnx`.
 
 What the graph holds: the whole network of `MaskFormer.forward` in eval mode (input
@@ -12,9 +12,13 @@ the truth matching (training only) and the classical least-squares fit (`muonreg
 Inputs (B events, M hits; both dynamic), as `collate` makes them:
     hit_x float32 [B, M, F], hit_x_valid bool [B, M, F], hit_valid bool [B, M],
     hit_geometry float32 [B, M, G], hit_geometry_valid bool [B, M]
-Outputs (Q queries):
+Outputs of the tracker (Q queries):
     track_valid_logit float32 [B, Q], track_hit_logit float32 [B, Q, M],
     track_eta, track_phi, track_pt, track_q float32 [B, Q]  (pT in GeV, q = +-1)
+Output of the hit filter (model=hit_filter), for a trigger or a reconstruction to cut on:
+    hit_probability float32 [B, M]; its working points' cuts, set on its validation split, are in
+    the metadata (`muonreg.filter_cuts`: {efficiency: cut}); keep the hits at or above a cut.
+The filter's graph sorts the hits with ONNX's (unstable) sort: two real hits never share a key.
 
 The graph computes what torch computes, with two float64 substitutions ONNX forces (`tasks.portable`:
 a closed-form 3x3 solve, and atan/asinh/tan/cosh from operations ONNX Runtime has in float64),
@@ -44,7 +48,7 @@ from muonreg.data.format import DatasetReader
 from muonreg.data.geometry import GEOMETRY
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors, root_cause
-from muonreg.models import MaskFormer
+from muonreg.models import HitFilter, MaskFormer
 from muonreg.tracking.store import connect, default_tracking_uri
 from muonreg.trained import add_source_arguments, checkpoint_file, load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
@@ -57,6 +61,9 @@ LOGIT_ATOL = 1e-4
 # space it is regressed and fitted in: a track fitted to 1 hit has pT 2800 +- 1.5 GeV, 1/pT +- 2e-7)
 PARAMETER_TOL = {"eta": (1e-4, 0.0), "phi": (1e-4, 0.0), "pt": (1e-6, 1e-4), "q": (0.0, 0.0)}
 CHECK_OUTLIERS = 0.01  # the share of tracks whose parameters may differ more (discontinuities)
+FILTER_OUTPUTS = ("hit_probability",)
+PROBABILITY_ATOL = 1e-5  # the filter's hit probabilities, ONNX Runtime against torch
+FILTER_CHECK_EVENTS = 8  # filter events are thousands of hits: a few are a real check
 OPSET = 20
 
 
@@ -66,6 +73,8 @@ class ExportError(UserError, RuntimeError):
 
 class OnnxTracker(nn.Module):
     """The network with tensor inputs and the outputs ONNX users want (logits, physical parameters)."""
+
+    outputs = OUTPUTS
 
     def __init__(self, model: MaskFormer):
         super().__init__()
@@ -91,12 +100,42 @@ class OnnxTracker(nn.Module):
         )
 
 
-def export_onnx(model: MaskFormer, cfg: DictConfig, sample: dict[str, torch.Tensor], out: Path) -> None:
+class OnnxHitFilter(nn.Module):
+    """The hit filter with tensor inputs: every hit's muon probability."""
+
+    outputs = FILTER_OUTPUTS
+
+    def __init__(self, model: HitFilter):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(
+        self,
+        hit_x: torch.Tensor,
+        hit_x_valid: torch.Tensor,
+        hit_valid: torch.Tensor,
+        hit_geometry: torch.Tensor,
+        hit_geometry_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        batch = dict(
+            zip(INPUTS, (hit_x, hit_x_valid, hit_valid, hit_geometry, hit_geometry_valid), strict=True)
+        )
+        return self.model.predict(self.model(batch))
+
+
+def graph(model: MaskFormer | HitFilter) -> OnnxTracker | OnnxHitFilter:
+    """The exported graph of a network, in eval mode (dropout off, no "exporting in training mode")."""
+    return (OnnxHitFilter(model) if isinstance(model, HitFilter) else OnnxTracker(model)).eval()
+
+
+def export_onnx(
+    model: MaskFormer | HitFilter, cfg: DictConfig, sample: dict[str, torch.Tensor], out: Path
+) -> None:
     """Trace the network on `sample` (a collated batch of at least 2 events and 2 hits) and write
     one self-contained .onnx file, with the input preparation settings in its metadata."""
     import onnx
 
-    wrapper = OnnxTracker(model).eval()  # dropout off, and no "exporting in training mode" warning
+    wrapper = graph(model)
     batch, hits = torch.export.Dim("batch", min=1), torch.export.Dim("hits", min=1)
     dims = {name: {0: batch, 1: hits} for name in INPUTS}
     with torch.no_grad():
@@ -106,7 +145,7 @@ def export_onnx(model: MaskFormer, cfg: DictConfig, sample: dict[str, torch.Tens
             dynamo=True,
             dynamic_shapes=dims,
             input_names=list(INPUTS),
-            output_names=list(OUTPUTS),
+            output_names=list(wrapper.outputs),
             opset_version=OPSET,
             verbose=False,
         )
@@ -117,9 +156,11 @@ def export_onnx(model: MaskFormer, cfg: DictConfig, sample: dict[str, torch.Tens
         "muonreg.hit_scales": json.dumps({k: v for k, v in features.scales.items() if k in features.names}),
         "muonreg.missing_sentinels": json.dumps(features.missing_sentinels.tolist()),
         "muonreg.geometry": json.dumps(list(GEOMETRY)),
-        "muonreg.outputs": json.dumps(list(OUTPUTS)),
+        "muonreg.outputs": json.dumps(list(wrapper.outputs)),
         "muonreg.config": OmegaConf.to_yaml(cfg),
     }
+    if isinstance(model, HitFilter):
+        meta["muonreg.filter_cuts"] = json.dumps({f"{wp:g}": cut for wp, cut in model.stored_cuts().items()})
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     try:
@@ -177,6 +218,51 @@ def _track_agrees(diff: dict[str, np.ndarray], ref: list[np.ndarray]) -> np.ndar
     return ok
 
 
+def compare_filter(model: HitFilter, path: Path, batches: Sequence[tuple[str, dict]]) -> dict:
+    """Every batch through torch and ONNX Runtime: the largest difference of the hit probabilities,
+    and how many hits a stored cut would keep differently. ExportError when more than
+    CHECK_OUTLIERS of the hits differ by more than PROBABILITY_ATOL."""
+    session, wrapper = ort_session(path), OnnxHitFilter(model)
+    report: dict = {"batches": {}, "seconds": {"torch": 0.0, "onnxruntime": 0.0}, "events": 0}
+    hits = beyond = 0
+    for what, batch in batches:
+        start = time.perf_counter()
+        with torch.no_grad():
+            ref = wrapper(*(batch[k] for k in INPUTS)).numpy()
+        report["seconds"]["torch"] += time.perf_counter() - start
+        start = time.perf_counter()
+        (got,) = session.run(list(FILTER_OUTPUTS), {k: batch[k].numpy() for k in INPUTS})
+        report["seconds"]["onnxruntime"] += time.perf_counter() - start
+        if not np.isfinite(got).all():
+            raise ExportError(f"{path}: ONNX Runtime gives non-finite outputs on {what}")
+        valid = batch["hit_valid"].numpy()
+        diff = np.abs(ref.astype(np.float64) - got)[valid]
+        flips = {
+            f"{wp:g}": int(((ref >= cut) != (got >= cut))[valid].sum())
+            for wp, cut in model.stored_cuts().items()
+        }
+        report["events"] += len(valid)
+        report["batches"][what] = {
+            "max_abs_diff": {"hit_probability": float(diff.max(initial=0.0))},
+            "hits": int(valid.sum()),
+            "hits_beyond_tolerance": int((diff > PROBABILITY_ATOL).sum()),
+            "kept_differently_at_cut": flips,
+            "judged": True,
+        }
+        hits, beyond = hits + int(valid.sum()), beyond + int((diff > PROBABILITY_ATOL).sum())
+    report.update(
+        tracks=hits,
+        tracks_beyond_tolerance=beyond,
+        tolerance={"probability": PROBABILITY_ATOL, "outliers": CHECK_OUTLIERS},
+    )
+    if beyond > CHECK_OUTLIERS * hits:
+        raise ExportError(
+            f"{path}: {beyond} of {hits} hit probabilities differ from torch by more than {PROBABILITY_ATOL}: "
+            f"{report['batches']}"
+        )
+    return report
+
+
 def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) -> dict:
     """Run every batch through torch and ONNX Runtime: the largest differences per batch and the
     tracks (event, query) with any output beyond tolerance. The event cut to 1 hit is reported but
@@ -208,8 +294,9 @@ def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) 
         if judged:
             tracks, beyond = tracks + ok.size, beyond + int((~ok).sum())
     report.update(
-        tracks=tracks,
-        tracks_beyond_tolerance=beyond,
+        judged="tracks",
+        checked=tracks,
+        beyond_tolerance=beyond,
         tolerance={"logits": LOGIT_ATOL, "parameters (abs, rel)": PARAMETER_TOL, "outliers": CHECK_OUTLIERS},
     )
     if beyond > CHECK_OUTLIERS * tracks:
@@ -226,7 +313,11 @@ def export(
     """Export a checkpoint's network to `out` and check it on real events of `data` (by default the
     dataset it trained on); return the check's report."""
     out = Path(out)
-    model, cfg = load_model(checkpoint)
+    model, cfg = load_model(checkpoint, kind=None)
+    if isinstance(model, HitFilter):
+        batches = check_batches(cfg, data or dataset_path(cfg), min(check_events, FILTER_CHECK_EVENTS))
+        export_onnx(model, cfg, batches[0][1], out)
+        return compare_filter(model, out, batches)
     batches = check_batches(cfg, data or dataset_path(cfg), check_events)
     export_onnx(model, cfg, batches[0][1], out)
     return compare(model, out, batches)
@@ -256,14 +347,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB, opset {OPSET}")
         print(
             f"checked with ONNX Runtime against torch on {report['events']} events: "
-            f"{report['tracks_beyond_tolerance']} of {report['tracks']} judged tracks beyond tolerance "
+            f"{report['beyond_tolerance']} of {report['checked']} judged {report['judged']} beyond tolerance "
             f"(allowed {CHECK_OUTLIERS:.0%}); torch {report['seconds']['torch']:.2f} s, "
             f"onnxruntime {report['seconds']['onnxruntime']:.2f} s"
         )
         for what, part in report["batches"].items():
             diffs = ", ".join(f"{k.removeprefix('track_')} {v:.2g}" for k, v in part["max_abs_diff"].items())
             note = "" if part["judged"] else " (not judged)"
-            print(f"  {what}: max |onnx - torch| {diffs} (pt: of 1/pT in 1/GeV){note}")
+            unit = " (pt: of 1/pT in 1/GeV)" if report["judged"] == "tracks" else ""
+            print(f"  {what}: max |onnx - torch| {diffs}{unit}{note}")
         if args.run_id:
             client = connect(uri)
             client.log_artifact(args.run_id, str(args.out), "onnx")

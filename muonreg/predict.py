@@ -1,4 +1,4 @@
-"""Run a trained tracker over a dataset and keep its predictions in HDF5:
+"""Run a trained tracker (or hit filter) over a dataset and keep its predictions in HDF5:
 `python -m muonreg.predict (--run-id ID | --checkpoint PATH) --data DIR --out FILE.h5`.
 
 The file is readable with plain h5py (layout below, version 1). E events, Q queries (the model's
@@ -23,6 +23,12 @@ truth matching); a track is a query with `valid_probability` >= 0.5.
 
 File attributes: format, version, source (checkpoint or run), dataset, split, files, fields, config.
 
+A hit filter's file (model=hit_filter; attrs["model"] = "hit_filter") has the same per-event
+datasets up to hit_start, and per hit:
+    hit_probability    float32 [H]     the filter's muon probability of hit h, in the stored hit order
+    kept/wp<e>         bool    [H]     h is at or above the cut the filter stores for working point e
+                                       (set on its validation split; attrs["filter_cuts"])
+
 Constant memory on any dataset: batches are read from the HDF5 files, predicted, fitted and appended
 to resizable datasets. The file is written under FILE.partial and renamed only when complete, so an
 interrupted run never leaves a file that looks finished.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -47,9 +54,10 @@ from muonreg.data.dataset import MuonEventDataset, make_loader
 from muonreg.data.format import DatasetReader
 from muonreg.errors import UserError, exit_on_user_errors
 from muonreg.evaluation.assigned_fit import fit_assigned
-from muonreg.evaluation.inference import infer
+from muonreg.evaluation.filter_metrics import working_point_name
+from muonreg.evaluation.inference import filter_probability, infer
 from muonreg.evaluation.metrics import FIELDS
-from muonreg.models import MaskFormer
+from muonreg.models import HitFilter, MaskFormer
 from muonreg.reco.fit import MIN_HITS
 from muonreg.trained import add_source_arguments, checkpoint_file, load_model
 from muonreg.training.device import evaluation_dtype, resolve_device
@@ -64,29 +72,49 @@ FIT_TRACKS = 2000  # tracks fitted together (reco.fit.fit_tracks's own batch)
 MAX_PENDING_BATCHES = 32  # and batches held at most while tracks gather (bounded memory)
 
 
-class PredictionWriter:
-    """Appends batches of predictions to resizable HDF5 datasets (the layout in the module doc)."""
+EVENT_SPECS = {
+    "event_index": (np.int64, ()),
+    "file_index": (np.int32, ()),
+    "row": (np.int64, ()),
+    "event_number": (np.int64, ()),
+    "num_hits": (np.int32, ()),
+    "hit_start": (np.int64, ()),
+}
 
-    def __init__(self, path: Path, queries: int, attrs: dict):
+
+def tracker_specs(queries: int) -> dict[str, tuple]:
+    """(dtype, shape after the first axis) of every dataset of a tracker's file."""
+    q = queries
+    return {
+        **EVENT_SPECS,
+        "hit_probability": (np.float32, (q,)),
+        "valid_probability": (np.float32, (q,)),
+        **{f: (np.float32, (q,)) for f in FIELDS},
+        "num_assigned": (np.int32, (q,)),
+        **{f"fit/{f}": (np.float32, (q,)) for f in FIT_FIELDS},
+        "fit/ok": (np.bool_, (q,)),
+    }
+
+
+def filter_specs(working_points: list[float]) -> dict[str, tuple]:
+    """(dtype, shape after the first axis) of every dataset of a hit filter's file."""
+    kept = {f"kept/{working_point_name(wp)}": (np.bool_, ()) for wp in working_points}
+    return {**EVENT_SPECS, "hit_probability": (np.float32, ()), **kept}
+
+
+def _per_hit(name: str) -> bool:
+    return name == "hit_probability" or name.startswith("kept/")
+
+
+class PredictionWriter:
+    """Appends batches of predictions to resizable HDF5 datasets (the layout in the module doc):
+    `specs` {name: (dtype, shape after the first axis)}; per-hit datasets grow by hits."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple], attrs: dict):
         self.file = h5py.File(path, "w")
         self.file.attrs.update(attrs)
-        q = queries
-        specs = {
-            "event_index": (np.int64, ()),
-            "file_index": (np.int32, ()),
-            "row": (np.int64, ()),
-            "event_number": (np.int64, ()),
-            "num_hits": (np.int32, ()),
-            "hit_start": (np.int64, ()),
-            "hit_probability": (np.float32, (q,)),
-            "valid_probability": (np.float32, (q,)),
-            **{f: (np.float32, (q,)) for f in FIELDS},
-            "num_assigned": (np.int32, (q,)),
-            **{f"fit/{f}": (np.float32, (q,)) for f in FIT_FIELDS},
-            "fit/ok": (np.bool_, (q,)),
-        }
         for name, (dtype, tail) in specs.items():
-            chunk = 16 * CHUNK_EVENTS if name == "hit_probability" else CHUNK_EVENTS
+            chunk = 16 * CHUNK_EVENTS if _per_hit(name) else CHUNK_EVENTS
             self.file.create_dataset(
                 name,
                 shape=(0, *tail),
@@ -103,7 +131,7 @@ class PredictionWriter:
         columns = {**columns, "hit_start": self.hits + np.cumsum(columns["num_hits"]) - columns["num_hits"]}
         for name, values in columns.items():
             ds = self.file[name]
-            start = self.hits if name == "hit_probability" else self.events
+            start = self.hits if _per_hit(name) else self.events
             ds.resize(start + len(values), axis=0)
             ds[start:] = values
         self.events += n
@@ -116,6 +144,31 @@ class PredictionWriter:
 Track = tuple[int, int, np.ndarray, np.ndarray]  # (event in batch, query, event's stored hits, assigned)
 
 
+def event_columns(reader: DatasetReader, indices: np.ndarray) -> tuple[dict[str, np.ndarray], list]:
+    """The per-event columns of a batch (hit_start is the writer's) and its stored events."""
+    events = [reader.read(int(i)) for i in indices]
+    located = np.array([reader.locate(int(i)) for i in indices], dtype=np.int64).reshape(-1, 2)
+    columns = {
+        "event_index": indices.astype(np.int64),
+        "file_index": located[:, 0].astype(np.int32),
+        "row": located[:, 1],
+        "event_number": np.array([e.event_number for e in events], dtype=np.int64),
+        "num_hits": np.array([len(e.hits) for e in events], dtype=np.int32),
+    }
+    return columns, events
+
+
+def filter_columns(
+    probability: torch.Tensor, reader: DatasetReader, indices: np.ndarray, cuts: dict[float, float]
+) -> dict[str, np.ndarray]:
+    """One batch's rows of a hit filter's file."""
+    columns, _ = event_columns(reader, indices)
+    p = probability.float().cpu().numpy()
+    hits = np.concatenate([p[b, :n] for b, n in enumerate(columns["num_hits"])])
+    kept = {f"kept/{working_point_name(wp)}": hits >= cut for wp, cut in cuts.items()}
+    return {**columns, "hit_probability": hits.astype(np.float32), **kept}
+
+
 def batch_columns(
     preds: dict[str, torch.Tensor],
     reader: DatasetReader,
@@ -125,18 +178,13 @@ def batch_columns(
     """One batch's rows of the file (fit/* still empty) and the tracks whose assigned hits to fit:
     predicted valid, with at least MIN_HITS assigned hits."""
     p = {k: v.cpu().numpy() for k, v in preds.items()}
-    events = [reader.read(int(i)) for i in indices]
-    num_hits = np.array([len(e.hits) for e in events], dtype=np.int32)
+    columns, events = event_columns(reader, indices)
+    num_hits = columns["num_hits"]
     hit_probability = np.concatenate([p["hit_probability"][b, :, :n].T for b, n in enumerate(num_hits)])
     assigned = p["hit_probability"] >= hit_threshold  # [b, q, m]; padding is 0
-    located = np.array([reader.locate(int(i)) for i in indices], dtype=np.int64).reshape(-1, 2)
     shape = p["valid_probability"].shape
     columns = {
-        "event_index": indices.astype(np.int64),
-        "file_index": located[:, 0].astype(np.int32),
-        "row": located[:, 1],
-        "event_number": np.array([e.event_number for e in events], dtype=np.int64),
-        "num_hits": num_hits,
+        **columns,
         "hit_probability": hit_probability.astype(np.float32),
         "valid_probability": p["valid_probability"],
         **{f: p[f] for f in FIELDS},
@@ -185,7 +233,7 @@ class FittingWriter:
 
 
 def predict(
-    model: MaskFormer,
+    model: MaskFormer | HitFilter,
     cfg: DictConfig,
     data: str | Path,
     out: str | Path,
@@ -200,8 +248,8 @@ def predict(
     limit: int | None = None,
 ) -> int:
     """Write the predictions of `model` (config `cfg`) on a split of the dataset `data` to `out`
-    (layout in the module doc); return the number of events. `fit`: "robust", "plain" or None;
-    `limit`: only the split's first events."""
+    (layout in the module doc); return the number of events. `fit` (trackers): "robust", "plain"
+    or None; `limit`: only the split's first events."""
     out = Path(out)
     reader = DatasetReader(data, required_track_features=())
     indices = np.arange(len(reader)) if split == "all" else run_splits(cfg, len(reader))[split]
@@ -224,17 +272,27 @@ def predict(
         "fit": fit or "none",
         "config": OmegaConf.to_yaml(cfg),
     }
+    is_filter = isinstance(model, HitFilter)
+    cuts = model.stored_cuts() if is_filter else {}
+    if is_filter:
+        attrs.update(model="hit_filter", filter_cuts=json.dumps({f"{wp:g}": c for wp, c in cuts.items()}))
+    specs = filter_specs(list(cuts)) if is_filter else tracker_specs(model.num_queries)
     with _atomic(out) as partial:
-        writer = PredictionWriter(partial, model.num_queries, attrs)
+        writer = PredictionWriter(partial, specs, attrs)
         try:
             done = 0
             with tqdm(total=len(dataset), desc="predicting", unit="ev", disable=not progress) as bar:
                 fitting = FittingWriter(writer, reader.hit_index, fit)
                 for batch in loader:
-                    preds = infer(model, batch, dev, amp)
-                    fitting.append(*batch_columns(preds, reader, batch["event_index"].numpy(), hit_threshold))
-                    done += len(batch["event_index"])
-                    bar.update(len(batch["event_index"]))
+                    indices = batch["event_index"].numpy()
+                    if is_filter:
+                        probability = filter_probability(model, batch, dev, amp)
+                        writer.append(filter_columns(probability, reader, indices, cuts))
+                    else:
+                        preds = infer(model, batch, dev, amp)
+                        fitting.append(*batch_columns(preds, reader, indices, hit_threshold))
+                    done += len(indices)
+                    bar.update(len(indices))
                 fitting.flush()
         finally:
             writer.close()
@@ -297,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.hit_threshold is not None and not 0 < args.hit_threshold <= 1:
             raise UserError(f"--hit-threshold={args.hit_threshold} must be in (0, 1]")
         with checkpoint_file(args.checkpoint, args.run_id, args.tracking_uri, args.model_uri) as path:
-            model, cfg = load_model(path)
+            model, cfg = load_model(path, kind=None)
             data = args.data or dataset_path(cfg)
             start = time.perf_counter()
             n = predict(
@@ -312,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                 hit_threshold=(
                     args.hit_threshold
                     if args.hit_threshold is not None
-                    else cfg.model.hit_mask.get("threshold", ASSIGNED)
+                    else OmegaConf.select(cfg, "model.hit_mask.threshold", default=ASSIGNED)
                 ),
                 source=_source(args),
             )

@@ -4,9 +4,10 @@ default     simulate (once) the dataset that `python train.py` uses with the giv
             e.g. `python -m muonreg.prepare default data.simulation.events=50000`; prints its path
 root        ATLAS hit-dump ROOT files -> a dataset in the hepattn layout (cuts, no hit limit),
             e.g. `python -m muonreg.prepare root --input ntuples/ --output data/filter --workers 8`
-filter      apply a trained hit filter (model=hit_filter) to a high-occupancy dataset and write the
-            tracking dataset (muonreg.filtering): `python -m muonreg.prepare filter --checkpoint
-            CKPT --working-point 0.99 --max-hits 600 --max-tracks 2 --input DIR --output DIR`
+filter      apply a trained hit filter (model=hit_filter) to a high-occupancy dataset, or to simulated
+            pile-up events as they are made, and write the tracking dataset (muonreg.filtering):
+            `python -m muonreg.prepare filter --checkpoint CKPT --working-point 0.99 --max-hits 600
+            --max-tracks 2 (--input DIR | --simulate EVENTS [--pileup 200]) --output DIR`
 """
 
 from __future__ import annotations

@@ -124,16 +124,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
 
 
 def load_model(
-    path: str | Path, columns: Sequence[str] = HIT_FEATURES, kind: type[nn.Module] = MaskFormer
+    path: str | Path, columns: Sequence[str] = HIT_FEATURES, kind: type[nn.Module] | None = MaskFormer
 ) -> tuple[MaskFormer | HitFilter, DictConfig]:
     """The network of a checkpoint (eval mode, on the CPU) and its config.
 
     `columns`: the stored hit columns of the data it will see (the feature list is checked against
     them); the schema's by default, which is all a network that is not fed from a dataset needs.
-    `kind`: the network the caller needs (the tracker, or the HitFilter); another is a one-line error.
+    `kind`: the network the caller needs (the tracker, or the HitFilter; None: either); another is a
+    one-line error.
     """
     state, cfg = read_checkpoint(path)
-    if (kind is HitFilter) != is_hit_filter(cfg):
+    if kind is not None and (kind is HitFilter) != is_hit_filter(cfg):
         trained = "hit filter (model=hit_filter)" if is_hit_filter(cfg) else "tracker"
         raise CheckpointError(f"{path}: a checkpoint of the {trained}, but this needs a {kind.__name__}")
     model = build_model(cfg, hit_features(cfg, columns, f"checkpoint {path}"))

@@ -19,6 +19,7 @@ from test_train_e2e import ENV, ROOT, run_train
 
 from muonreg.config import ConfigError, project_root, validate
 from muonreg.data.format import DatasetReader
+from muonreg.data.geometry import GEOMETRY, G
 from muonreg.evaluate import evaluate_checkpoint
 from muonreg.evaluation.filter_metrics import filter_metrics, roc_auc, roc_curve, threshold_at_efficiency
 from muonreg.filtering import FilterError, Losses, filter_dataset, filter_event
@@ -99,17 +100,41 @@ def _padded_batch(features: int = 6, hits: int = 40) -> dict[str, torch.Tensor]:
     hit_valid[1, 25:] = False  # the second event is shorter: padding
     muon = torch.zeros(2, 2, hits, dtype=torch.bool)
     muon[0, 0, :5], muon[0, 1, 10:14], muon[1, 0, 3:9] = True, True, True
+    geometry = torch.zeros(2, hits, len(GEOMETRY))
+    phi_s = torch.randint(0, 3, (2, hits)) * 2 * math.pi / 16
+    geometry[..., G["cos_phi_s"]], geometry[..., G["sin_phi_s"]] = phi_s.cos(), phi_s.sin()
+    geometry[..., G["normal"]] = 5 + 5 * torch.rand(2, hits)
+    geometry[..., G["z"]] = 10 * torch.randn(2, hits)
+    geometry[..., G["mdt"]] = (torch.rand(2, hits) < 0.8).float()
+    geometry[..., G["barrel"]] = 1.0
+    geometry[..., G["time_residual"]] = 100 * torch.rand(2, hits)
     return {
         "hit_x": torch.randn(2, hits, features) * hit_valid.unsqueeze(-1),
         "hit_x_valid": hit_valid.unsqueeze(-1).expand(-1, -1, features).clone(),
         "hit_valid": hit_valid,
+        "hit_geometry": geometry * hit_valid[..., None],
+        "hit_geometry_valid": hit_valid.clone(),
         "particle_hit_valid": muon,
     }
 
 
-def test_hit_filter_outputs_and_gradients_on_a_padded_batch():
+@pytest.mark.parametrize(
+    "design",
+    [
+        {"layers": 2, "neighbours": 4},  # the detector's neighbourhoods
+        {"layers": 2, "neighbours": 4, "attention_layers": 1, "window": 8},  # and attention beside
+        {
+            "layers": 0,
+            "order": "phi",
+            "sort_index": 2,
+            "attention_layers": 2,
+            "window": 8,
+        },  # the earlier design
+    ],
+)
+def test_hit_filter_outputs_and_gradients_on_a_padded_batch(design):
     batch = _padded_batch()
-    model = HitFilter(6, sort_index=2, dim=16, encoder_layers=2, heads=4, window=8)
+    model = HitFilter(6, dim=16, heads=4, **design)
     outputs = model(batch)
     assert outputs["hit_filter_logit"].shape == (2, 40)
     assert torch.isfinite(outputs["hit_filter_logit"]).all()
@@ -122,7 +147,12 @@ def test_hit_filter_outputs_and_gradients_on_a_padded_batch():
 
     # padding changes nothing for real hits; hits in another order give the same scores, reordered
     with torch.no_grad():
-        noisy = {**batch, "hit_x": batch["hit_x"] + 5.0 * ~batch["hit_valid"].unsqueeze(-1)}
+        pad = ~batch["hit_valid"].unsqueeze(-1)
+        noisy = {
+            **batch,
+            "hit_x": batch["hit_x"] + 5.0 * pad,
+            "hit_geometry": batch["hit_geometry"] + 3.0 * pad,
+        }
         torch.testing.assert_close(
             model(noisy)["hit_filter_logit"][1, :25], outputs["hit_filter_logit"][1, :25]
         )
@@ -172,14 +202,16 @@ def test_filter_event_keeps_cuts_and_renumbers():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.sort_by=rho", r"model\.sort_by='rho' must be one of the input features"),
+        ("model.order=phi model.sort_by=rho", r"model\.sort_by='rho' must be one of the input features"),
+        ("model.order=eta", r"model\.order='eta' must be one of \['detector', 'phi'\]"),
+        ("model.layers=0", r"model\.layers=0 the filter needs neighbourhood layers"),
         ("model.window=0", r"model\.window=0 must be a positive number of hits"),
         ("model.working_points=[1.5]", r"model\.working_points=\[1\.5\] must be muon-hit efficiencies"),
     ],
 )
 def test_bad_filter_settings_fail_naming_the_key(override, message):
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=hit_filter", override])
+        cfg = compose(config_name="train", overrides=["model=hit_filter", *override.split()])
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 

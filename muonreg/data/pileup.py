@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from muonreg import detector as det
-from muonreg.data.cuts import Counts, Cuts, apply_cuts
+from muonreg.data.cuts import Counts, Cuts, Events, apply_cuts
 from muonreg.data.format import DatasetWriter
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
 from muonreg.data.simulate import (
@@ -177,6 +178,47 @@ def detector_config(seed: int, config: SimulationConfig | None = None) -> Simula
     return config if config.alignment_seed is not None else dataclasses.replace(config, alignment_seed=seed)
 
 
+def pileup_blocks(
+    n_events: int,
+    seed: int,
+    files: int,
+    pileup: float,
+    config: SimulationConfig | None = None,
+    cuts: Cuts | None = None,
+) -> Iterator[tuple[Events, np.ndarray, Counts]]:
+    """The events of a pile-up dump that pass the reference cuts, block by block (at least `files`
+    blocks, at most EVENTS_PER_BLOCK events each), with their event numbers and what the cuts did."""
+    config, cuts = detector_config(seed, config), cuts or Cuts()
+    for block_seed, first, size in dump_blocks(
+        n_events, seed, max(files, math.ceil(n_events / EVENTS_PER_BLOCK))
+    ):
+        hits, tracks = simulate_dump(size, block_seed, pileup, config)
+        events, counts = apply_cuts(
+            np.concatenate(hits),
+            np.array([len(h) for h in hits]),
+            np.concatenate(tracks),
+            np.array([len(t) for t in tracks]),
+            cuts,
+        )
+        yield events, first + events.kept, counts
+
+
+def pileup_parameters(
+    n_events: int, seed: int, pileup: float, config: SimulationConfig | None = None, cuts: Cuts | None = None
+) -> dict:
+    """What a pile-up dataset's metadata.yaml records of how it was made."""
+    from muonreg.versions import SIMULATOR_VERSION
+
+    return {
+        **dataclasses.asdict(cuts or Cuts()),
+        "simulator": dump_config(detector_config(seed, config)).to_dict(),
+        "simulator_version": SIMULATOR_VERSION,
+        "seed": seed,
+        "events": n_events,
+        "pileup": pileup,
+    }
+
+
 def write_pileup_dataset(
     out_dir: str | Path,
     n_events: int,
@@ -192,42 +234,21 @@ def write_pileup_dataset(
     filter dataset (no hit limit) of `files` data files or more (at most EVENTS_PER_BLOCK events
     each); same arguments give identical bytes, and the same events as `muonreg-simulate --format
     root` with these arguments (and as many files) prepared by `muonreg-prepare root`."""
-    from muonreg.versions import SIMULATOR_VERSION
-
-    cuts = cuts or Cuts()
-    config = detector_config(seed, config)
-    parameters = {
-        **dataclasses.asdict(cuts),
-        "simulator": dump_config(config).to_dict(),
-        "simulator_version": SIMULATOR_VERSION,
-        "seed": seed,
-        "events": n_events,
-        "pileup": pileup,
-    }
     total = Counts()
     with (
         DatasetWriter(
             out_dir,
             hit_features=HIT_FEATURES,
             track_features=TRACK_FEATURES,
-            processing_parameters=parameters,
+            processing_parameters=pileup_parameters(n_events, seed, pileup, config, cuts),
             compression=compression,
         ) as writer,
         tqdm(total=n_events, desc=f"simulating (pile-up {pileup:g})", unit="ev", disable=not progress) as bar,
     ):
-        blocks = dump_blocks(n_events, seed, max(files, math.ceil(n_events / EVENTS_PER_BLOCK)))
-        for block_seed, first, size in blocks:
-            hits, tracks = simulate_dump(size, block_seed, pileup, config)
-            events, counts = apply_cuts(
-                np.concatenate(hits),
-                np.array([len(h) for h in hits]),
-                np.concatenate(tracks),
-                np.array([len(t) for t in tracks]),
-                cuts,
-            )
+        for events, numbers, counts in pileup_blocks(n_events, seed, files, pileup, config, cuts):
             total.add(counts)
             if counts.events_kept:
-                writer.write_file(events.hits, events.tracks, (first + events.kept).tolist())
-            bar.update(size)
+                writer.write_file(events.hits, events.tracks, numbers.tolist())
+            bar.update(counts.events_seen)
         writer.processing_summary = dataclasses.asdict(total)
     return Path(out_dir)

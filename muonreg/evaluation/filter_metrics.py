@@ -65,6 +65,18 @@ def at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float) -> di
     }
 
 
+def muons_lost(muon_ids: np.ndarray, kept: np.ndarray, min_hits: int = 3) -> float:
+    """Share of the muons (hits carrying one id per muon, -1 for background) left with fewer than
+    `min_hits` kept hits: the tracking dataset's cut removes them. NaN without a muon."""
+    muon_ids, kept = np.asarray(muon_ids), np.asarray(kept, dtype=bool)
+    on_muon = muon_ids >= 0
+    _, muon, counts = np.unique(muon_ids[on_muon], return_inverse=True, return_counts=True)
+    if not len(counts):
+        return math.nan
+    kept_hits = np.bincount(muon, weights=kept[on_muon], minlength=len(counts))
+    return float((kept_hits < min_hits).mean())
+
+
 def working_point_name(efficiency: float) -> str:
     """A working point as a metric-name part: wp0.99, wp0.995."""
     return f"wp{efficiency:g}"

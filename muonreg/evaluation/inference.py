@@ -116,3 +116,18 @@ def infer(
         outputs = model(batch)
     outputs = {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
     return query_predictions(model, outputs, batch["hit_valid"])
+
+
+@torch.no_grad()
+def filter_probability(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A hit filter's muon probability of every hit of a batch [b, m] (float32, on `device`)."""
+    model.eval()
+    batch = to_device(batch, device)
+    with autocast(device, amp_dtype):
+        outputs = model(batch)
+    return unwrap(model).predict({k: v.float() for k, v in outputs.items()})

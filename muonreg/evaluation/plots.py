@@ -97,27 +97,34 @@ def versus(
 
 
 def filter_roc(
-    background_kept: np.ndarray, efficiency: np.ndarray, working_points: dict[str, dict], path: Path
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], working_points: dict[str, dict], path: Path
 ) -> Path:
-    """The hit filter's ROC: background rejection (1 / background kept, log) against muon-hit
-    efficiency, its working points marked; beside it the plain ROC curve."""
+    """Hit-filter ROC curves, {name: (background kept, muon-hit efficiency)} (the first is the
+    filter, whose working points are marked): background rejection (1 / background kept, log)
+    against efficiency; beside it the plain ROC curves."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    kept = background_kept > 0
-    left.plot(efficiency[kept], 1 / background_kept[kept], color="C0")
-    for name, wp in working_points.items():
+    for i, (name, (background_kept, efficiency)) in enumerate(curves.items()):
+        kept = background_kept > 0
+        left.plot(efficiency[kept], 1 / background_kept[kept], color=f"C{i}", label=name)
+        right.plot(background_kept, efficiency, color=f"C{i}", label=name)
+    for i, (name, wp) in enumerate(working_points.items()):
         if wp["background_kept"] > 0:
             left.plot(
-                wp["efficiency"], 1 / wp["background_kept"], "o", label=f"{name}: cut {wp['threshold']:.3g}"
+                wp["efficiency"],
+                1 / wp["background_kept"],
+                "o",
+                color=f"C{len(curves) + i}",
+                label=f"{name}: cut {wp['threshold']:.3g}",
             )
     left.set_yscale("log")
     left.set_xlim(max(0.0, min([0.9, *(wp["efficiency"] - 0.02 for wp in working_points.values())])), 1.0)
     left.set_xlabel("muon-hit efficiency")
     left.set_ylabel("background rejection (1 / background kept)")
     left.legend(fontsize=8)
-    right.plot(background_kept, efficiency, color="C0")
     right.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
     right.set_xlabel("background hits kept")
     right.set_ylabel("muon hits kept")
+    right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle("Hit filter on the test set")

@@ -60,3 +60,13 @@ def save_checkpoint(path: Path, state: dict[str, Any], sidecar: dict[str, Any]) 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # Our own files: they carry numpy RNG state, so the full unpickler is needed.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def replace_model_state(path: Path, model_state: dict[str, Any]) -> None:
+    """Rewrite a checkpoint with new model weights or buffers (e.g. a hit filter's cuts set after
+    training), atomically, keeping everything else and its sidecar."""
+    state = load_checkpoint(path)
+    state["model"] = model_state
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError, flatten, is_hit_filter, validate
-from muonreg.evaluation.filter_evaluation import evaluate_filter, filter_evaluation
+from muonreg.evaluation.filter_evaluation import evaluate_filter, filter_evaluation, set_validation_cuts
 from muonreg.evaluation.full import full_evaluation
 from muonreg.evaluation.inference import evaluate
 from muonreg.tracking.runs import job_run, tracking_uri
 from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import connect, warn_if_shared_sqlite
 from muonreg.training import distributed
-from muonreg.training.checkpoint import config_hash, load_checkpoint
+from muonreg.training.checkpoint import config_hash, load_checkpoint, replace_model_state
 from muonreg.training.device import (
     allow_tf32,
     autocast_dtype,
@@ -276,6 +276,12 @@ def _train_and_test(
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
+        if is_hit_filter(cfg) and len(data.datasets["val"]):
+            cuts = set_validation_cuts(trainer.core, loaders["val"], device, evaluation_dtype(device, cfg))
+            replace_model_state(best_path, trainer.core.state_dict())
+            log.info(
+                "working points' cuts, set on the validation split and stored in %s: %s", best_path, cuts
+            )
     test = data.datasets["test"]
     message = None
     if len(test) and is_hit_filter(cfg):
@@ -325,20 +331,20 @@ def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSi
             sink.log_artifacts(out / name, name)
     if cfg.tracking.log_checkpoint and best_path.is_file():
         sink.log_artifacts(best_path, "checkpoints")
-    if cfg.tracking.get("log_model", False) and best_path.is_file() and not is_hit_filter(cfg):
+    if cfg.tracking.get("log_model", False) and best_path.is_file():
         _log_model(cfg, out, best_path, sink, data)
 
 
 def _log_model(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink, data: RunData) -> None:
     """The best network as an MLflow model (tracking/model.py), registered if tracking.register_as."""
-    from muonreg.tracking.model import ARTIFACT, save_tracker, stored_events
+    from muonreg.tracking.model import ARTIFACT, save_model, stored_events
 
     start = time.perf_counter()
     model_dir = out / "mlflow-model"
     shutil.rmtree(model_dir, ignore_errors=True)  # a resumed run that died while writing it
     split = data.datasets["test"] if len(data.datasets["test"]) else data.datasets["val"]
     example = stored_events(split.reader, split.indices[:2])
-    save_tracker(best_path, data.features.columns, model_dir, example)
+    save_model(best_path, data.features.columns, model_dir, example)
     sink.log_artifacts(model_dir, ARTIFACT)
     if cfg.tracking.get("register_as"):
         sink.register_model(ARTIFACT, str(cfg.tracking.register_as))

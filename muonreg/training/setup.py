@@ -33,18 +33,21 @@ from muonreg.tasks.refine import FitRefinedAssignment
 EVAL_TARGETS = [f"truthMuon_{f}" for f in FIELDS]
 
 
+NORMALIZATION_HITS = 500_000  # hits that input standardisation is fitted on, at most
 _RUN_KEYS = ("events", "seed", "files")
+_OPTIONAL_RUN_KEYS = {"pileup": 0.0}  # mean pile-up; > 0: a filter dataset (data=pileup)
 
 
 def simulation_settings(simulation: DictConfig) -> tuple[dict, SimulationConfig]:
-    """(events/seed/files, SimulationConfig) from the `data.simulation` config node."""
+    """(events/seed/files/pileup, SimulationConfig) from the `data.simulation` config node."""
     raw = OmegaConf.to_container(simulation, resolve=True)
-    run = {k: raw.pop(k) for k in _RUN_KEYS}
+    run = {k: raw.pop(k) for k in _RUN_KEYS} | {k: raw.pop(k, v) for k, v in _OPTIONAL_RUN_KEYS.items()}
     known = set(SimulationConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
-            f"data.simulation has unknown key(s) {unknown}; allowed: {sorted(known | set(_RUN_KEYS))}"
+            f"data.simulation has unknown key(s) {unknown}; "
+            f"allowed: {sorted(known | set(_RUN_KEYS) | set(_OPTIONAL_RUN_KEYS))}"
         )
     try:
         return run, SimulationConfig(**raw)
@@ -155,12 +158,19 @@ def build_model(cfg: DictConfig, features: HitFeatures) -> MaskFormer | HitFilte
     if is_hit_filter(cfg):
         return HitFilter(
             features.size,
-            sort_index=features.names.index(m.sort_by),
             dim=m.dim,
-            encoder_layers=m.encoder_layers,
+            layers=m.layers,
+            neighbours=m.neighbours,
+            edge_dim=m.edge_dim,
+            message_dim=m.message_dim,
+            order=m.order,
+            sort_index=features.names.index(m.sort_by) if m.order == "phi" else None,
+            timing=m.timing,
+            attention_layers=m.attention_layers,
             heads=m.heads,
             window=m.window,
             dropout=m.dropout,
+            working_points=tuple(m.working_points),
         )
     targets, inverse = list(cfg.inverse_fields.targets), list(cfg.inverse_fields.inverse)
     field_weights = OmegaConf.to_container(cfg.tasks.loss_weights) if cfg.tasks.get("loss_weights") else None
@@ -219,9 +229,12 @@ def fit_normalizations(
     n: int = 2000,
 ) -> None:
     """Input standardisation (unless switched off: the inputs stay as the feature scales leave them)
-    and the tracker's target normalisation from up to `n` evenly spread training events (saved with
-    the model, so a checkpoint predicts exactly as trained)."""
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
+    and the tracker's target normalisation from up to `n` evenly spread training events, fewer when
+    they would hold more than NORMALIZATION_HITS hits (saved with the model, so a checkpoint
+    predicts exactly as trained)."""
+    mean_hits = max(float(dataset.num_hits().mean()), 1.0) if len(dataset) else 1.0
+    n = min(n, len(dataset), max(10, int(NORMALIZATION_HITS / mean_hits)))  # pile-up events hold thousands
+    picks = np.unique(np.linspace(0, len(dataset) - 1, n).astype(int))
     items = [dataset[int(i)] for i in picks]
     if standardize_inputs:
         model.input_norm.fit(
