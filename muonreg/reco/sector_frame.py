@@ -61,6 +61,8 @@ def sort_order(key: torch.Tensor) -> torch.Tensor:
 def windows(x: torch.Tensor, k: int) -> torch.Tensor:
     """The 2k + 1 hits centred on each hit of a sorted sequence: x [b, m, ...] -> [b, m, 2k + 1, ...]
     (zeros beyond the ends); a strided view of the padded input, copied only when used."""
+    if x.dtype == torch.bool:  # padding of booleans is not implemented on every device
+        return windows(x.to(torch.uint8), k).bool()
     trailing = x.shape[2:]
     flat = x.reshape(*x.shape[:2], -1)
     padded = F.pad(flat, (0, 0, k, k))  # pads dim 1
