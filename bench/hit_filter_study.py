@@ -46,6 +46,7 @@ ARMS: dict[str, list[str]] = {
     "no_timing": ["model.timing=false"],  # no time residuals: trigger-strip timing off
     "phi_order": ["model.order=phi"],  # neighbours in phi order, not (sector, pointing angle)
     "fewer_neighbours": ["model.neighbours=3"],
+    "four_neighbours": ["model.neighbours=4"],
     "one_layer": ["model.layers=1"],
     "attention_beside": ["model.attention_layers=1"],  # a windowed attention layer after the neighbourhoods
     "wide": [

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -22,9 +23,12 @@ from muonreg.data.format import DatasetReader
 from muonreg.data.geometry import GEOMETRY, G
 from muonreg.evaluate import evaluate_checkpoint
 from muonreg.evaluation.filter_metrics import filter_metrics, roc_auc, roc_curve, threshold_at_efficiency
+from muonreg.export import export
 from muonreg.filtering import FilterError, Losses, filter_dataset, filter_event
 from muonreg.models import HitFilter
 from muonreg.models.layers import Attention, WindowedAttention, attendable
+from muonreg.predict import predict
+from muonreg.tracking.model import stored_events
 from muonreg.trained import CheckpointError, load_model
 
 # Six hits: muons score 0.9, 0.8, 0.6; background 0.7, 0.4, 0.2.
@@ -256,20 +260,31 @@ def test_filter_training_logs_its_metrics_to_mlflow(filter_run):
     assert len(steps) >= 10 and np.mean(steps[-3:]) < 0.8 * np.mean(steps[:3])  # the loss drops
     metrics = run.data.metrics
     assert 0.5 < metrics["test/auc"] <= 1 and "val/auc" in metrics
-    for wp in ("wp0.99", "wp0.995"):
-        assert metrics[f"test/{wp}/efficiency"] >= float(wp[2:])
-        assert 0 < metrics[f"test/{wp}/threshold"] < 1 and 0 < metrics[f"test/{wp}/purity"] <= 1
+    stored = load_model(_checkpoint(run), kind=HitFilter)[0].stored_cuts()
+    for wp in (0.99, 0.995):  # the test split is measured at the cuts set on validation and stored
+        name = f"wp{wp:g}"
+        assert metrics[f"test/{name}/threshold"] == pytest.approx(stored[wp])
+        assert abs(metrics[f"test/{name}/efficiency"] - wp) < 0.05 and 0 < metrics[f"test/{name}/purity"] <= 1
+        assert (
+            0 <= metrics[f"test/{name}/muons_lost"] <= 1 and metrics[f"test/{name}/hits_kept_per_event"] > 0
+        )
     assert metrics["test/wp0.995/threshold"] <= metrics["test/wp0.99/threshold"]
+    assert 0.5 < metrics["test/road/auc"] <= 1 and "test/road/layers8/background_rejection" in metrics
     assert {"test/MDT/auc", "test/abseta0_1p05/wp0.99/efficiency"} <= set(metrics)
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/hit_filter.md", "evaluation/roc.png", "evaluation/scores.png"} <= artifacts
     assert run.data.params["model.kind"] == "hit_filter"
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
 
 
 @pytest.mark.slow
+def _checkpoint(run) -> Path:
+    return Path(run.data.tags["muonreg.run_dir"]) / "checkpoints" / "best.pt"
+
+
 def test_a_filter_checkpoint_re_evaluates_and_is_refused_by_tracker_tools(filter_run, tmp_path):
     _, run = filter_run
-    checkpoint = Path(run.data.tags["muonreg.run_dir"]) / "checkpoints" / "best.pt"
+    checkpoint = _checkpoint(run)
     metrics, report = evaluate_checkpoint(checkpoint, "test", tmp_path / "report")
     assert metrics["test/auc"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-6)
     assert (report / "hit_filter.md").is_file()
@@ -289,8 +304,10 @@ def test_filter_output_reads_back_and_trains_the_tracker(filter_run, tmp_path):
 
     meta = yaml.safe_load((out / "metadata.yaml").read_text())["processing_parameters"]["hit_filter"]
     assert meta["working_point"] == 0.99 and meta["checkpoint"] == str(checkpoint.resolve())
+    assert meta["cut_from"] == "stored"
+    assert meta["threshold"] == pytest.approx(load_model(checkpoint, kind=HitFilter)[0].stored_cuts()[0.99])
     losses = meta["losses"]
-    assert losses["muon_hit_efficiency"] >= 0.99 and losses["events_in"] == 200
+    assert losses["muon_hit_efficiency"] > 0.9 and losses["events_in"] == 200
     dropped = sum(losses[f"events_dropped_{k}"] for k in ("no_muon", "too_many_tracks", "too_many_hits"))
     assert losses["events_written"] + dropped == 200 and losses["events_written"] > 0
 
@@ -320,3 +337,55 @@ def test_filter_output_reads_back_and_trains_the_tracker(filter_run, tmp_path):
     (tracker,) = client.search_runs(client.get_experiment_by_name("muonreg").experiment_id)
     assert tracker.info.status == "FINISHED" and tracker.data.tags["dataset"] == str(out)
     assert "test/track_efficiency" in tracker.data.metrics
+
+
+@pytest.mark.slow
+def test_the_stored_cut_is_the_one_applied(filter_run, tmp_path):
+    _, run = filter_run
+    checkpoint, source = _checkpoint(run), Path(run.data.tags["dataset"])
+    cut = load_model(checkpoint, kind=HitFilter)[0].stored_cuts()[0.995]
+    common = dict(max_hits=450, compression=None, progress=False)
+    stored = filter_dataset(checkpoint, source, tmp_path / "stored", working_point=0.995, **common)
+    explicit = filter_dataset(checkpoint, source, tmp_path / "explicit", threshold=cut, **common)
+    assert stored["hit_filter"]["cut_from"] == "stored" and explicit["hit_filter"]["cut_from"] == "threshold"
+    assert stored["hit_filter"]["losses"] == explicit["hit_filter"]["losses"]
+    a, b = DatasetReader(tmp_path / "stored"), DatasetReader(tmp_path / "explicit")
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read(i).hits, b.read(i).hits)
+    # on request, the cut is set on the input's own truth (the earlier behaviour), and says so
+    truth = filter_dataset(
+        checkpoint, source, tmp_path / "truth", working_point=0.99, cut_from_input_truth=True, **common
+    )
+    assert (
+        truth["hit_filter"]["cut_from"] == "input truth"
+        and truth["hit_filter"]["losses"]["muon_hit_efficiency"] >= 0.99
+    )
+    # impossible settings fail before any hit is scored
+    for bad, message in (({"working_point": 1.5}, "--working-point 1.5"), ({"working_point": 0.9}, r"stores cuts for \[0.99, 0.995\] only"),
+                         ({"threshold": 0.5, "cut_from_input_truth": True}, "give one way")):  # fmt: skip
+        with pytest.raises(FilterError, match=message):
+            filter_dataset(checkpoint, source, tmp_path / "bad", **{**common, **bad})
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_filter_exports_to_onnx_predicts_per_hit_and_serves_as_an_mlflow_model(filter_run, tmp_path):
+    root, run = filter_run
+    checkpoint, source = _checkpoint(run), Path(run.data.tags["dataset"])
+    report = export(checkpoint, tmp_path / "filter.onnx", source, check_events=4)
+    assert report["judged"] == "hit probabilities" and report["beyond_tolerance"] == 0
+    assert max(b["max_abs_diff"]["hit_probability"] for b in report["batches"].values()) < 1e-5
+    model, cfg = load_model(checkpoint, kind=HitFilter)
+    n = predict(model, cfg, source, tmp_path / "pred.h5", split="test", progress=False)
+    with h5py.File(tmp_path / "pred.h5") as f:
+        assert f.attrs["model"] == "hit_filter" and len(f["event_index"]) == n > 0
+        assert len(f["hit_probability"]) == f["num_hits"][:].sum() == len(f["kept/wp0.99"])
+        assert ((f["hit_probability"][:] >= model.stored_cuts()[0.99]) == f["kept/wp0.99"][:]).all()
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    reader = DatasetReader(source)
+    out = served.predict(stored_events(reader, [0, 1]))
+    assert (
+        out["hit_probability"].shape == (2, max(reader.num_hits()[:2])) and out["kept_wp0.99"].dtype == bool
+    )

@@ -60,19 +60,21 @@ def neighbour_edges(
 
 class NeighbourhoodLayer(nn.Module):
     """Each hit collects narrow messages from its window, each weighted by a learned function of the
-    pair's geometry (`weights`, zero outside the neighbourhood), and updates its state from their sum
-    and maximum: a segment and road finder that is learned (aligned hits, their layers, their timing)."""
+    pair's geometry (`kernel` of the embedded pair geometry, zero outside the neighbourhood), and
+    updates its state from their sum and maximum: a segment and road finder that is learned
+    (aligned hits, their layers, their timing)."""
 
-    def __init__(self, dim: int, message_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, edge_dim: int, message_dim: int, dropout: float = 0.0):
         super().__init__()
+        self.kernel = nn.Linear(edge_dim, message_dim, bias=False)  # keeps non-neighbours at 0
         self.message = nn.Linear(dim, message_dim)
         self.update = mlp(dim + 2 * message_dim, dim, dim, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [b, m, dim] in sorted order; weights [b, m, 2k + 1, message_dim]."""
-        k = (weights.shape[2] - 1) // 2
-        messages = weights * windows(self.message(x), k)
+    def forward(self, x: torch.Tensor, edge_hidden: torch.Tensor) -> torch.Tensor:
+        """x [b, m, dim] in sorted order; edge_hidden [b, m, 2k + 1, edge_dim]."""
+        k = (edge_hidden.shape[2] - 1) // 2
+        messages = self.kernel(edge_hidden) * windows(self.message(x), k)
         pooled = torch.cat([x, messages.sum(2), messages.amax(2)], -1)
         return self.norm(x + self.update(pooled))
 
@@ -80,16 +82,17 @@ class NeighbourhoodLayer(nn.Module):
 class DetectorNeighbourhoods(nn.Module):
     """Hit states in (sector, pointing angle) order -> `layers` neighbourhood layers over windows of
     `k` hits either side. The pair geometry is embedded once (`edge_dim` wide, zero outside the
-    neighbourhood) and mapped to every layer's message weights in one product."""
+    neighbourhood) and shared by the layers."""
 
     def __init__(
         self, dim: int, layers: int, k: int, edge_dim: int = 16, message_dim: int = 8, dropout: float = 0.0
     ):
         super().__init__()
-        self.k, self.message_dim = k, message_dim
+        self.k = k
         self.edge_net = nn.Linear(EDGE_FEATURES, edge_dim)
-        self.weights = nn.Linear(edge_dim, layers * message_dim, bias=False)  # keeps non-neighbours at 0
-        self.layers = nn.ModuleList(NeighbourhoodLayer(dim, message_dim, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            NeighbourhoodLayer(dim, edge_dim, message_dim, dropout) for _ in range(layers)
+        )
 
     def forward(
         self, x: torch.Tensor, frame: dict[str, torch.Tensor], hit_valid: torch.Tensor
@@ -98,7 +101,6 @@ class DetectorNeighbourhoods(nn.Module):
         with full_precision(x):
             edges, mask = neighbour_edges(frame, hit_valid, self.k)
         edge_hidden = torch.relu(self.edge_net(edges)) * mask.unsqueeze(-1).to(x.dtype)
-        weights = self.weights(edge_hidden).split(self.message_dim, dim=-1)
-        for layer, w in zip(self.layers, weights, strict=True):
-            x = layer(x, w)
+        for layer in self.layers:
+            x = layer(x, edge_hidden)
         return x
