@@ -227,22 +227,14 @@ def test_filter_refuses_an_existing_output(tmp_path):
 
 # -- end to end: train the filter, apply it, train the tracker on its output -----------------------
 
-HIGH_OCCUPANCY = ("data.simulation.events=200", "data.max_events=200", "data.simulation.noise_scale=8")
+PILEUP = ("+experiment=hit_filter", "data.simulation.events=100", "data.simulation.pileup=20")
 
 
 @pytest.fixture(scope="module")
 def filter_run(tmp_path_factory) -> tuple[Path, mlflow.entities.Run]:
-    """One real filter training via train.py on smoke-sized high-occupancy simulated data."""
+    """One real filter training via train.py on smoke-sized pile-up events (~800 hits each)."""
     root, data = tmp_path_factory.mktemp("filter"), tmp_path_factory.mktemp("filter-data")
-    run_train(
-        root,
-        data,
-        "model=hit_filter",
-        *HIGH_OCCUPANCY,
-        "+data.simulation.max_hits=20000",
-        "trainer.max_epochs=2",
-        "trainer.batch_size=16",
-    )
+    run_train(root, data, *PILEUP, "data.max_events=null", "trainer.max_epochs=3", "tracking.experiment=muonreg")
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("muonreg").experiment_id)
     return root, run

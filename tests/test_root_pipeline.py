@@ -397,7 +397,10 @@ def test_simulate_command_keeps_hdf5_as_its_default_and_writes_filter_datasets_w
     assert _metadata(tmp_path / "pu")["processing_parameters"]["pileup"] == 20
     with pytest.raises(SystemExit):
         simulate_main(["--events", "5", "--out", str(tmp_path / "x"), "--pileup", "-1"])
-    assert "--pileup -1: the mean pile-up must be >= 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert (
+        "--pileup -1: the mean pile-up must be >= 0" in capsys.readouterr().err
+        and not (tmp_path / "x").exists()
+    )
 
 
 def test_a_file_failing_part_way_leaves_none_of_its_blocks_when_skipped(dump_dir, tmp_path):
