@@ -220,6 +220,17 @@ def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():
     assert time.time() - start < 10
 
 
+def test_a_server_that_accepts_connections_but_never_answers_fails_within_seconds_naming_it():
+    with socket.socket() as silent:  # the kernel completes connections; nothing ever reads or answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.time()
+        with pytest.raises(TrackingError, match=rf"server {uri} does not answer"):
+            connect(uri)
+        assert time.time() - start < 10
+
+
 def test_compare_shows_a_running_run_whose_process_died_as_dead(store):
     c, _, experiment = store
     dead = c.create_run(experiment, tags={HEARTBEAT_TAG: f"{time.time() - 2 * DEAD_AFTER_S:.0f}"})
