@@ -179,12 +179,15 @@ def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path)
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1
 
 
-def test_an_unknown_optimized_metric_fails_after_the_first_validation_naming_the_choices(loaders, tmp_path):
+def test_an_unknown_optimized_metric_fails_before_training_naming_the_choices(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path, max_epochs=1, monitor="val/resolution_of_everything")
+    before = torch.get_rng_state()
     with pytest.raises(
         ConfigError, match=r"optimized_metric='val/resolution_of_everything'.*val/qpt_resolution"
     ):
         trainer.fit()
+    assert trainer.state.step_in_epoch == 0 and not (tmp_path / "checkpoints").exists()  # nothing trained
+    assert torch.equal(torch.get_rng_state(), before)  # the check leaves no trace on what follows
 
 
 def test_a_physical_metric_drives_early_stopping(loaders, tmp_path):

@@ -39,6 +39,16 @@ from muonreg.training.optim import step_unless
 log = logging.getLogger(__name__)
 
 
+class _FirstBatch:
+    """A loader's first batch, as a loader of its own (for `Trainer.check_monitor`)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.batch_sampler = loader, loader.batch_sampler
+
+    def __iter__(self):
+        yield next(iter(self.loader))
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
@@ -239,16 +249,29 @@ class Trainer:
         per hit for the hit filter)."""
         return self.evaluator(self.model, self.loaders[split], self.device, self.amp_dtype, prefix=split)
 
+    def _require_monitor(self, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise ConfigError(
+                f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
+                f"{sorted(k for k in metrics if k.startswith('val/'))}"
+            )
+
+    def check_monitor(self) -> None:
+        """Fail before training if validation does not compute the monitored metric: one validation
+        batch names them all. It leaves no trace (a DataLoader draws a seed from torch's RNG)."""
+        with torch.random.fork_rng(devices=[]):
+            metrics, _ = self.evaluator(
+                self.model, _FirstBatch(self.loaders["val"]), self.device, self.amp_dtype, prefix="val"
+            )
+        self._require_monitor(metrics)
+
     def fit(self) -> float:
         """Train until max_epochs or early stopping; return the best monitored value."""
+        self.check_monitor()
         while self.state.epoch < self.max_epochs and not self.state.finished:
             metrics = self.train_epoch()
             metrics.update(self.world.share(self.evaluate("val")[0] if self.is_main else None))
-            if self.monitor not in metrics:
-                raise ConfigError(
-                    f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
-                    f"{sorted(k for k in metrics if k.startswith('val/'))}"
-                )
+            self._require_monitor(metrics)
             value = metrics[self.monitor]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
