@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_stat
 from muonreg.training.device import to_device
 from muonreg.training.distributed import World
 from muonreg.training.health import HealthGuard, StepFlags
-from muonreg.training.interrupts import Interrupts
+from muonreg.training.interrupts import Interrupts, stopped_by
 from muonreg.training.optim import step_unless
 
 log = logging.getLogger(__name__)
@@ -235,14 +236,13 @@ class Trainer:
         continue."""
         path = self.save("last.pt")
         self.world.close()
+        stop = stopped_by(
+            self.interrupts.signum or signal.SIGTERM,  # another rank's signal: this one got none
+            f"checkpoint {path} at epoch {self.state.epoch}, batch {self.state.step_in_epoch}",
+        )
         if self.is_main:
-            log.warning(
-                "stop signal: checkpoint %s at epoch %d, batch %d; the run can be continued",
-                path,
-                self.state.epoch,
-                self.state.step_in_epoch,
-            )
-        raise KeyboardInterrupt("stop signal: checkpoint written")
+            log.warning("%s", stop)
+        raise stop
 
     def evaluate(self, split: str) -> tuple[dict[str, float], Any]:
         """Mean losses and metrics of a split, with the records behind them (per muon for the tracker,
