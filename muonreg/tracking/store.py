@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -51,6 +52,30 @@ SERVER_HOWTO = (
 
 
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+# Libraries that log every failed attempt, with a traceback, and their schema checks, on their own.
+NOISY_LOGGERS = ("mlflow.store.db.utils", "urllib3.connectionpool", "mlflow.utils.rest_utils")
+_QUIET_THREADS: set[int] = set()
+
+
+class _NotFromAQuietThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in _QUIET_THREADS
+
+
+for _name in NOISY_LOGGERS:
+    logging.getLogger(_name).addFilter(_NotFromAQuietThread())
+
+
+@contextmanager
+def quiet_store_logs() -> Iterator[None]:
+    """In this thread, drop the libraries' own logs of the store (NOISY_LOGGERS): for a caller that
+    reports a failing store itself, in one line."""
+    thread = threading.get_ident()
+    _QUIET_THREADS.add(thread)
+    try:
+        yield
+    finally:
+        _QUIET_THREADS.discard(thread)
 
 
 class TrackingError(UserError, RuntimeError):
