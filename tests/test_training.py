@@ -1,5 +1,6 @@
 """The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
 
+import logging
 import math
 import os
 import warnings
@@ -177,6 +178,30 @@ def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path)
     trainer.train_epoch()
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_warning_naming_it_and_training_goes_on(
+    loaders, tmp_path, caplog
+):
+    blocker = tmp_path / "checkpoints" / "last.pt.tmp"
+    blocker.mkdir(parents=True)  # where last.pt is written first: no file can be made there
+
+    def unblock_at_step_3(metrics: dict, step: int) -> None:
+        if step == 3:
+            blocker.rmdir()
+
+    trainer = _trainer(loaders, tmp_path, checkpoint_every_steps=1, log=unblock_at_step_3, log_every_steps=1)
+    with caplog.at_level(logging.INFO, logger="muonreg.training.loop"):
+        trainer.fit()
+    assert trainer.state.finished and trainer.state.epoch == 2  # trained to the end
+    last = tmp_path / "checkpoints" / "last.pt"
+    messages = [r.getMessage() for r in caplog.records if str(last) in r.getMessage()]
+    assert messages == [
+        f"cannot write the checkpoint {last} (Is a directory); training goes on, and a kill would lose "
+        "what was trained since the last checkpoint written",
+        f"checkpoint {last} written again",
+    ]
+    assert load_checkpoint(last)["trainer"]["epoch"] == 2
 
 
 def test_an_unknown_optimized_metric_fails_before_training_naming_the_choices(loaders, tmp_path):

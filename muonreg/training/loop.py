@@ -99,6 +99,7 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_s = 60.0 * checkpoint_every_minutes
         self._saved_at = time.monotonic()
+        self._unwritable = False  # the last checkpoint write failed
         self.guard = guard
         self.log = log
         self.log_every_steps = log_every_steps
@@ -236,9 +237,12 @@ class Trainer:
         continue."""
         path = self.save("last.pt")
         self.world.close()
+        where = f"epoch {self.state.epoch}, batch {self.state.step_in_epoch}"
         stop = stopped_by(
             self.interrupts.signum or signal.SIGTERM,  # another rank's signal: this one got none
-            f"checkpoint {path} at epoch {self.state.epoch}, batch {self.state.step_in_epoch}",
+            f"checkpoint {path} at {where}"
+            if path
+            else f"at {where}, no checkpoint could be written; the last one written holds the run",
         )
         if self.is_main:
             log.warning("%s", stop)
@@ -327,18 +331,36 @@ class Trainer:
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # before issue 15: rank 0's
         set_rng_state(rng[self.world.rank])
 
-    def save(self, name: str) -> Path:
-        """Write a checkpoint (rank 0); every rank calls it at the same steps (it gathers their RNG)."""
+    def save(self, name: str) -> Path | None:
+        """Write a checkpoint (rank 0); every rank calls it at the same steps (it gathers their RNG).
+        A checkpoint that cannot be written (no room, no permission) is a warning, once until one is
+        written again, and None: training goes on, since stopping would lose for sure what a kill only
+        might."""
         path = self.checkpoint_dir / name
         self._check_health(wait=True)  # so that the step counts it records are exact
         state = self.state_dict()
-        if self.is_main:
-            sidecar = {
-                **self.metadata,
-                "epoch": self.state.epoch,
-                "global_step": self.state.global_step,
-                "finished": self.state.finished,
-            }
-            save_checkpoint(path, state, sidecar)
         self._saved_at = time.monotonic()
+        if not self.is_main:
+            return path
+        sidecar = {
+            **self.metadata,
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "finished": self.state.finished,
+        }
+        try:
+            save_checkpoint(path, state, sidecar)
+        except OSError as err:
+            if not self._unwritable:
+                log.warning(
+                    "cannot write the checkpoint %s (%s); training goes on, and a kill would lose what "
+                    "was trained since the last checkpoint written",
+                    path,
+                    err.strerror or err,
+                )
+            self._unwritable = True
+            return None
+        if self._unwritable:
+            log.info("checkpoint %s written again", path)
+        self._unwritable = False
         return path
