@@ -154,22 +154,31 @@ def last_sidecar(root: Path) -> dict:
 
 
 def signal_when(
-    root: Path, data: Path, overrides: list[str], ready: Callable[[], bool], signum: int = signal.SIGKILL
-) -> None:
-    """Start a run, send it `signum` as soon as `ready()` holds (failing if it ended first)."""
+    root: Path,
+    data: Path,
+    overrides: list[str],
+    ready: Callable[[], bool],
+    signum: int = signal.SIGKILL,
+    group: bool = False,
+) -> tuple[int, str]:
+    """Start a run, send it (or, `group`, its whole process group, as a terminal's Ctrl-C does) `signum`
+    as soon as `ready()` holds, failing if it ended first; return its exit status and stderr."""
     proc = subprocess.Popen(
         command(root, data, *overrides),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(signum)
-    proc.wait()
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    stderr = proc.communicate(timeout=120)[1]
+    return proc.returncode, stderr
 
 
 def _final_parameters(root: Path) -> dict[str, torch.Tensor]:
@@ -208,24 +217,17 @@ def _progress(root: Path, marker: str) -> bool:
 def test_a_stop_signal_mid_epoch_checkpoints_that_step_and_ends_in_one_line(tmp_path, data_dir, signum):
     """A scheduler's SIGTERM and a terminal's Ctrl-C (SIGINT to the whole process group, the loader
     worker included) stop alike: the step ends, last.pt is written there, one line, no traceback."""
-    kill = os.killpg if signum == signal.SIGINT else os.kill
     overrides = ["trainer.batch_size=8", "trainer.num_workers=1"]  # 35 steps in the epoch
-    proc = subprocess.Popen(
-        command(tmp_path, data_dir, *overrides),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    returncode, stderr = signal_when(
+        tmp_path,
+        data_dir,
+        overrides,
+        lambda: _progress(tmp_path, "epoch 0 batch 5/"),
+        signum,
+        group=signum == signal.SIGINT,
     )
-    deadline = time.time() + 300
-    while not _progress(tmp_path, "epoch 0 batch 5/") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    kill(proc.pid, signum)
-    _, stderr = proc.communicate(timeout=120)
     name = signal.Signals(signum).name
-    assert proc.returncode == 128 + signum and "Traceback" not in stderr, stderr
+    assert returncode == 128 + signum and "Traceback" not in stderr, stderr
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"stopped by {name}: checkpoint {tmp_path / 'outputs'}"), stderr
     assert last_line.endswith("; continue it with resume=auto")
