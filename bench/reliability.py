@@ -255,6 +255,9 @@ def chaos(jobs: int, kills: int, spacing: float, parallel: int, seed: int) -> No
     root, code = OUT / "chaos", project_root()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    # Started in the background by a shell, this process ignores SIGINT and its jobs would inherit that
+    # (a job keeps an ignored SIGINT ignored): the SIGINT kills must reach them as Ctrl-C would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(seed)
     sweeps = _chaos_sweeps(root, jobs, parallel)
     start = time.time()
