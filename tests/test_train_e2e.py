@@ -6,6 +6,7 @@ Every test works in its own directory (paths.root) and shares one small simulate
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -171,6 +172,8 @@ def signal_when(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a terminal: a test run started in the background would hand down an ignored SIGINT
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:

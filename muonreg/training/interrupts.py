@@ -44,8 +44,10 @@ class Stopped(KeyboardInterrupt):
         return self.message
 
 
-def stopped_by(signum: int, where: str) -> Stopped:
-    return Stopped(signum, f"stopped by {signal.Signals(signum).name}: {where}; {RESUME_HINT}")
+def stopped_by(signum: int | None, where: str) -> Stopped:
+    """`signum` None: the signal reached another process of the job (its exit status: SIGTERM's)."""
+    name = signal.Signals(signum).name if signum else "a signal to another process of the job"
+    return Stopped(signum or signal.SIGTERM, f"stopped by {name}: {where}; {RESUME_HINT}")
 
 
 class Interrupts:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -239,7 +238,7 @@ class Trainer:
         self.world.close()
         where = f"epoch {self.state.epoch}, batch {self.state.step_in_epoch}"
         stop = stopped_by(
-            self.interrupts.signum or signal.SIGTERM,  # another rank's signal: this one got none
+            self.interrupts.signum,  # None on a rank that the signal did not reach
             f"checkpoint {path} at {where}"
             if path
             else f"at {where}, no checkpoint could be written; the last one written holds the run",
