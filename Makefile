@@ -96,6 +96,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/reliability.py concurrent --jobs 8
 	$(PY) bench/reliability.py kill --trials 4
+	$(PY) bench/reliability.py chaos --jobs 16 --kills 8
 
 clean:
 	rm -rf outputs multirun pipeline bench/out .pytest_cache .ruff_cache

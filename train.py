@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 import muonreg.config  # noqa: F401  (registers the ${muonreg.*:} resolvers before Hydra composes)
 from muonreg.errors import hydra_user_errors
 from muonreg.training import distributed
+from muonreg.training.interrupts import exit_on_stop
 from muonreg.training.run import train
 
 
@@ -22,4 +23,5 @@ if __name__ == "__main__":
     # and rank 0 alone writes its .hydra/ record.
     if not distributed.share_launch_time().is_main:
         sys.argv.append("hydra.output_subdir=null")
-    main()
+    with exit_on_stop():  # a stop signal or Ctrl-C: one line, the signal's exit status
+        main()

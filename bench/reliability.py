@@ -2,6 +2,7 @@
 
     python bench/reliability.py concurrent [--jobs 8] [--code DIR]
     python bench/reliability.py kill [--trials 4] [--events 200000] [--seed 0]
+    python bench/reliability.py chaos [--jobs 16] [--kills 8] [--spacing 20] [--parallel 2] [--seed 0]
 
 `concurrent` starts --jobs `python train.py -m debug=smoke seed=K` processes at once on a fresh
 SQLite database (each a one-job sweep: a parent and a child run) and counts the runs recorded
@@ -14,11 +15,22 @@ after a uniformly random 30-270 s of training, resumes it with `resume=auto` and
 kill cost: the training done since the last checkpoint (redone after the resume), plus the time
 the resumed process needs to start training again. It also says what checkpoints at epoch ends
 only (the old default) would have cost at the same moment. Logs go to bench/out/kill.
+
+`chaos` runs --jobs smoke-sized jobs as two sweeps at once (joblib, --parallel jobs each at a time) on one
+fresh SQLite database, and kills --kills of them, one after another, each a uniformly random
+0..--spacing seconds after the previous one (the first: after the first job started), with SIGKILL,
+SIGTERM or SIGINT drawn at random: a job process holding its run's lock (read from /proc/locks) is
+picked at random. When the sweeps have ended, the same two commands run again with
+`resume=auto`, as often as it takes for both to exit cleanly. It reports the job runs FINISHED (each
+job exactly once), metric points recorded twice, parent runs FINISHED, the training each kill cost
+(trained after the checkpoint the job resumed from, up to the kill) and the wall time. Logs go to
+bench/out/chaos.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -26,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -161,6 +174,157 @@ def kill(trials: int, events: int, seed: int) -> None:
     print(f"epoch_end_only_lost_s_mean: {sum(old) / len(old):.0f}")
 
 
+CHAOS_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+# debug=smoke with two epochs (a checkpoint between them) and a test evaluation without the extras
+CHAOS_JOB = [
+    "debug=smoke",
+    "trainer.max_epochs=2",
+    "evaluation.fit_reference=false",
+    "evaluation.assigned_fit_events=0",
+    "evaluation.displays=0",
+    "tracking.log_model=false",
+    "tracking.experiment=chaos",
+]
+MAX_ROUNDS = 10
+
+
+def _chaos_sweeps(root: Path, jobs: int, parallel: int) -> list[list[str]]:
+    """Two sweeps of jobs // 2 seeds each, `parallel` jobs at a time, in fixed sweep dirs (a rerun
+    continues them)."""
+    half = jobs // 2
+    return [
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *CHAOS_JOB,
+            "hydra/launcher=joblib",
+            f"hydra.launcher.n_jobs={parallel}",
+            f"seed={','.join(str(k) for k in range(s * half, (s + 1) * half))}",
+            f"hydra.sweep.dir={root / f'sweep{s}'}",
+            f"paths.root={root}",
+            f"paths.data={OUT / 'data'}",
+        ]
+        for s in range(2)
+    ]
+
+
+def _holders(root: Path) -> dict[Path, int]:
+    """The job directories under `root` whose run lock a process holds, and that process (/proc/locks)."""
+    locks = {p.stat().st_ino: p.parent for p in root.glob("sweep*/*/run.lock")}
+    held = {}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "POSIX" and (inode := int(fields[5].split(":")[2])) in locks:
+            held[locks[inode]] = int(fields[4])
+    return held
+
+
+def _released(job: Path, timeout: float = 120.0) -> None:
+    """Wait until no process holds the job's run lock (a stopped job has closed its run)."""
+    deadline = time.time() + timeout
+    while job in _holders(job.parent.parent) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _training_lost(job: Path, since: float, killed: float) -> tuple[int, float]:
+    """(steps this attempt, held since `since`, logged before the kill; seconds of them trained after
+    the checkpoint it resumes from)."""
+    sidecar = job / "checkpoints" / "last.pt.json"
+    checkpoint = sidecar.stat().st_mtime if sidecar.is_file() else 0.0
+    trained = [t for t in _lines(job / "train.log", PROGRESS, since) if t <= killed]
+    if not trained or trained[-1] <= checkpoint:
+        return len(trained), 0.0
+    return len(trained), trained[-1] - max(checkpoint, trained[0])
+
+
+def _chaos_records(root: Path) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("muonreg.role") == "sweep"]
+    children = [r for r in runs if r not in parents]
+    duplicates = 0
+    for run in children:
+        for key in run.data.metrics:
+            steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+            duplicates += sum(n - 1 for n in steps.values())
+    return parents, children, duplicates
+
+
+def chaos(jobs: int, kills: int, spacing: float, parallel: int, seed: int) -> None:
+    root, code = OUT / "chaos", project_root()
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    # Started in the background by a shell, this process ignores SIGINT and its jobs would inherit that
+    # (a job keeps an ignored SIGINT ignored): the SIGINT kills must reach them as Ctrl-C would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rng = random.Random(seed)
+    sweeps = _chaos_sweeps(root, jobs, parallel)
+    start = time.time()
+    seen: dict[tuple[Path, int], float] = {}  # (job dir, process) -> when first seen holding its lock
+    done: list[dict] = []
+    next_kill = math.inf  # set once the first job has started
+    for rounds in range(1, MAX_ROUNDS + 1):
+        again = ["resume=auto"] if rounds > 1 else []
+        with open(root / "sweeps.log", "a") as log:
+            procs = [
+                subprocess.Popen(
+                    [*cmd, *again], cwd=code, env=_env(code), stdout=log, stderr=subprocess.STDOUT
+                )
+                for cmd in sweeps
+            ]
+            while any(p.poll() is None for p in procs):
+                holders = _holders(root)
+                for held in holders.items():
+                    seen.setdefault(held, time.time())
+                if holders and next_kill == math.inf and not done:
+                    next_kill = time.time() + rng.uniform(0, spacing)
+                if len(done) < kills and time.time() >= next_kill and holders:
+                    job, pid = rng.choice(sorted(holders.items()))
+                    signum = rng.choice(CHAOS_SIGNALS)
+                    killed = time.time()
+                    os.kill(pid, signum)
+                    _released(job)
+                    steps, lost = _training_lost(job, seen[(job, pid)], killed)
+                    done.append(
+                        {
+                            "job": str(job.relative_to(root)),
+                            "signal": signal.Signals(signum).name,
+                            "at_s": killed - start,
+                            "steps": steps,
+                            "lost_s": lost,
+                        }
+                    )
+                    next_kill = time.time() + rng.uniform(0, spacing)
+                time.sleep(0.1)
+        if len(done) == kills and all(p.returncode == 0 for p in procs):
+            break
+    wall = time.time() - start
+    parents, children, duplicates = _chaos_records(root)
+    finished = Counter(
+        (r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("hydra.job.num"))
+        for r in children
+        if r.info.status == "FINISHED"
+    )
+    print("| kill | job | signal | at (s) | steps logged by then in this attempt | training lost (s) |")
+    print("|---|---|---|---|---|---|")
+    for k, d in enumerate(done):
+        print(f"| {k} | {d['job']} | {d['signal']} | {d['at_s']:.0f} | {d['steps']} | {d['lost_s']:.1f} |")
+    lost = [d["lost_s"] for d in done] or [0.0]
+    print(
+        f"kills: {len(done)} ({', '.join(f'{n} {s}' for s, n in Counter(d['signal'] for d in done).items())})"
+    )
+    print(f"rounds: {rounds} (the first, then {rounds - 1} with resume=auto)")
+    print(f"job_runs: {len(children)}")
+    print(f"runs_finished: {sum(finished.values())}/{jobs}")
+    print(f"jobs_finished_exactly_once: {sum(n == 1 for n in finished.values())}/{jobs}")
+    print(f"duplicate_metric_points: {duplicates}")
+    print(f"parents_finished: {sum(r.info.status == 'FINISHED' for r in parents)}/{len(parents)}")
+    print(f"lost_s_mean: {sum(lost) / len(lost):.1f}")
+    print(f"lost_s_max: {max(lost):.1f}")
+    print(f"wall_s: {wall:.0f}")
+
+
 def main() -> None:
     import argparse
 
@@ -175,12 +339,20 @@ def main() -> None:
     kil.add_argument("--trials", type=int, default=4)
     kil.add_argument("--events", type=int, default=200_000, help="simulated events (80 %% train)")
     kil.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
+    cha = sub.add_parser("chaos", help="two sweeps on one fresh database, jobs killed at random, rerun")
+    cha.add_argument("--jobs", type=int, default=16, help="jobs in all, half in each sweep")
+    cha.add_argument("--kills", type=int, default=8)
+    cha.add_argument("--spacing", type=float, default=20.0, help="at most this many seconds between kills")
+    cha.add_argument("--parallel", type=int, default=2, help="jobs at a time in each sweep")
+    cha.add_argument("--seed", type=int, default=0, help="seed of the kill moments, targets and signals")
     args = parser.parse_args()
     header(sys.argv)
     if args.what == "concurrent":
         concurrent(args.jobs, args.code.resolve())
-    else:
+    elif args.what == "kill":
         kill(args.trials, args.events, args.seed)
+    else:
+        chaos(args.jobs, args.kills, args.spacing, args.parallel, args.seed)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def validate(cfg: DictConfig) -> None:
     if len(set(names)) != len(names):
         _fail("data.features", names, "repeats a feature")
     columns = _dataset_columns(cfg)
+    _check_columns_in_dataset(cfg, columns)
     for key in ("columns", "derived"):
         allowed = columns if key == "columns" else list(DERIVED)
         unknown = [n for n in cfg.data.features[key] if n not in allowed]
@@ -199,6 +200,20 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
         _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
+
+
+def _check_columns_in_dataset(cfg: DictConfig, columns: list[str]) -> None:
+    """A known hit column that the run's dataset lacks: say so, with the override that trains without it."""
+    wanted = list(cfg.data.features.columns)
+    lacking = [c for c in wanted if c in HIT_FEATURES and c not in columns]
+    if lacking:
+        kept = ",".join(c for c in wanted if c not in lacking)
+        _fail(
+            "data.path",
+            str(cfg.data.path),
+            f"has no hit column {', '.join(map(repr, lacking))} (its metadata.yaml), which "
+            f"data.features.columns uses; train without it: 'data.features.columns=[{kept}]'",
+        )
 
 
 def _validate_hit_filter(m: DictConfig, names: list[str]) -> None:

@@ -50,7 +50,7 @@ from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors, root_cause
 from muonreg.models import HitFilter, MaskFormer
 from muonreg.tracking.store import connect, default_tracking_uri
-from muonreg.trained import add_source_arguments, checkpoint_file, load_model
+from muonreg.trained import add_source_arguments, atomic_output, checkpoint_file, load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
 INPUTS = ("hit_x", "hit_x_valid", "hit_valid", "hit_geometry", "hit_geometry_valid")
@@ -280,7 +280,7 @@ def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) 
         got = session.run(list(OUTPUTS), {k: batch[k].numpy() for k in INPUTS})
         report["seconds"]["onnxruntime"] += time.perf_counter() - start
         if not all(np.isfinite(g).all() for g in got):
-            raise ExportError(f"{path}: ONNX Runtime gives non-finite outputs on {what}")
+            raise ExportError(f"ONNX Runtime gives non-finite outputs on {what}")
         diff = _differences(ref, got, batch["hit_valid"].numpy())
         ok = _track_agrees(diff, ref)
         judged = batch["hit_valid"].shape[1] > 1
@@ -301,7 +301,7 @@ def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) 
     )
     if beyond > CHECK_OUTLIERS * tracks:
         raise ExportError(
-            f"{path}: {beyond} of {tracks} tracks differ from torch beyond the tolerances "
+            f"the ONNX model: {beyond} of {tracks} tracks differ from torch beyond the tolerances "
             f"(logits {LOGIT_ATOL}, parameters {PARAMETER_TOL}): {report['batches']}"
         )
     return report
@@ -341,9 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_errors():
         uri = args.tracking_uri or default_tracking_uri()
-        with checkpoint_file(args.checkpoint, args.run_id, uri, args.model_uri) as path:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            report = export(path, args.out, args.data, args.check_events)
+        with (
+            atomic_output(args.out, "the ONNX model") as partial,  # before anything is read or exported
+            checkpoint_file(args.checkpoint, args.run_id, uri, args.model_uri) as path,
+        ):
+            report = export(path, partial, args.data, args.check_events)
         print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB, opset {OPSET}")
         print(
             f"checked with ONNX Runtime against torch on {report['events']} events: "

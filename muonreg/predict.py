@@ -37,11 +37,8 @@ interrupted run never leaves a file that looks finished.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -59,7 +56,7 @@ from muonreg.evaluation.inference import filter_probability, infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import HitFilter, MaskFormer
 from muonreg.reco.fit import MIN_HITS
-from muonreg.trained import add_source_arguments, checkpoint_file, load_model
+from muonreg.trained import add_source_arguments, atomic_output, checkpoint_file, load_model
 from muonreg.training.device import evaluation_dtype, resolve_device
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
@@ -277,7 +274,7 @@ def predict(
     if is_filter:
         attrs.update(model="hit_filter", filter_cuts=json.dumps({f"{wp:g}": c for wp, c in cuts.items()}))
     specs = filter_specs(list(cuts)) if is_filter else tracker_specs(model.num_queries)
-    with _atomic(out) as partial:
+    with atomic_output(out, "the predictions") as partial:
         writer = PredictionWriter(partial, specs, attrs)
         try:
             done = 0
@@ -297,24 +294,6 @@ def predict(
         finally:
             writer.close()
     return done
-
-
-@contextlib.contextmanager
-def _atomic(out: Path) -> Iterator[Path]:
-    """A temporary path renamed to `out` once the block completes; removed if it does not."""
-    partial = out.with_name(out.name + ".partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial.unlink(missing_ok=True)
-        partial.touch()
-    except OSError as err:
-        raise UserError(f"{out}: cannot write the predictions there ({err.strerror or err})") from err
-    try:
-        yield partial
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out)
 
 
 def _source(args: argparse.Namespace) -> str:

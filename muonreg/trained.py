@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -140,3 +141,22 @@ def load_model(
     model = build_model(cfg, hit_features(cfg, columns, f"checkpoint {path}"))
     model.load_state_dict(state["model"])
     return model.eval(), cfg
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, what: str) -> Iterator[Path]:
+    """A temporary path beside `out`, made at once (so a destination that cannot be written fails
+    before any work), renamed to `out` once the block completes, removed if it does not."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
+        partial.touch()
+    except OSError as err:
+        raise UserError(f"{out}: cannot write {what} there ({err.strerror or err})") from err
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)

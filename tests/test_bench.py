@@ -75,3 +75,13 @@ def test_gpu_check_runs_without_mlflow_and_names_what_needs_cuda(tmp_path):
     if not torch.cuda.is_available():
         assert found["train_peak_mib"] == found["host_syncs_per_step"] == "SKIPPED (no CUDA device)"
     assert found["smoke_run"] == "SKIPPED (train.py needs mlflow, matplotlib)"
+
+
+def test_chaos_sweep_finishes_every_job_once_whatever_the_kills(tmp_path):
+    """Two sweeps of 2 jobs on one fresh database, 3 jobs killed (SIGKILL, SIGTERM or SIGINT), rerun with
+    resume=auto until clean: every job's run FINISHED once, no metric point twice, both parents FINISHED."""
+    args = ["chaos", "--jobs", "4", "--kills", "3", "--spacing", "2", "--parallel", "1"]
+    found = output(tmp_path, "reliability.py", *args)
+    assert found["kills"].startswith("3 (") and found["job_runs"] == "4"
+    assert found["runs_finished"] == "4/4" and found["jobs_finished_exactly_once"] == "4/4"
+    assert found["duplicate_metric_points"] == "0" and found["parents_finished"] == "2/2"

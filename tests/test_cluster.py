@@ -91,7 +91,8 @@ def test_two_slurm_tasks_form_one_job_that_stops_together_and_continues_when_req
         time.sleep(0.02)
     first[1].send_signal(signal.SIGUSR2)
     logs = [p.communicate(timeout=180)[0] for p in first]
-    assert all(p.returncode != 0 for p in first) and "stop signal: checkpoint" in logs[0]
+    assert all(p.returncode != 0 for p in first)
+    assert "stopped by a signal to another process of the job: checkpoint" in logs[0]  # rank 1 got it
     (killed,) = runs(root)
     assert killed.info.status == "KILLED"
     (sidecar,) = root.glob("outputs/*/*/checkpoints/last.pt.json")
@@ -156,7 +157,7 @@ def test_a_submitit_job_warned_by_usr2_checkpoints_is_requeued_and_continues_its
     os.kill(_task_pid(root), signal.SIGUSR2)
     assert sweep.wait(timeout=300) == 0
     log = job_log()
-    assert "stop signal: checkpoint" in log and "continuing the unfinished run" in log
+    assert "stopped by SIGUSR2: checkpoint" in log and "continuing the unfinished run" in log
     assert "resumed at epoch 1, batch 4" in log  # the step after the signal's
     parents, (child,) = split(runs(root))
     assert parents[0].info.status == "FINISHED" and child.info.status == "FINISHED"

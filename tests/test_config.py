@@ -1,6 +1,7 @@
 """Every config group option composes and validates; every bad value fails at start naming its key."""
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 
 from muonreg.config import ConfigError, feature_names, flatten, project_root, validate
+from muonreg.data.schema import HIT_FEATURES
+
+from conftest import random_events, write_reference_dataset
 
 CONF = str(project_root() / "conf")
 GROUPS = {
@@ -115,6 +119,19 @@ def test_data_path_must_be_a_dataset(tmp_path):
 def test_feature_names_are_checked_against_a_real_dataset(reference_dataset):
     path, _, _ = reference_dataset
     validate(_compose(f"data.path={path}"))
+
+
+def test_a_dataset_without_a_feature_column_says_so_and_how_to_train_without_it(tmp_path):
+    hits, tracks = random_events(20)
+    columns = [c for c in HIT_FEATURES if c != "spacePoint_driftR"]
+    path = write_reference_dataset(tmp_path / "ds", hits, tracks, hit_columns=columns)
+    with pytest.raises(ConfigError) as err:
+        validate(_compose(f"data.path={path}"))
+    message = str(err.value)
+    assert message.startswith(f"data.path={str(path)!r} has no hit column 'spacePoint_driftR'")
+    assert "data.features.columns uses" in message and "\n" not in message
+    fix = re.search(r"train without it: '(.*)'$", message).group(1)
+    validate(_compose(f"data.path={path}", fix))  # the override it gives is the fix
 
 
 def test_unknown_group_option_and_key_are_hydra_errors_naming_them():

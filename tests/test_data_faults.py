@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
@@ -43,6 +44,35 @@ def test_a_dataset_without_any_muon_fails_before_training(tmp_path):
     path = _dataset(tmp_path, edit=no_muons)
     with pytest.raises(DataFormatError, match=r"the train split .* holds no muon: .*data/chunk_0\.h5"):
         _start(path)
+
+
+def test_an_event_with_more_muons_than_max_particles_fails_before_training_naming_the_key(tmp_path):
+    def third_muon(hits, tracks):
+        tracks[25] = np.concatenate([tracks[25], tracks[25][:1]] * 3)[:3]  # chunk_1 holds 20..39: row 5
+
+    path = _dataset(tmp_path, edit=third_muon)
+    with pytest.raises(
+        DataFormatError,
+        match=r"chunk_1\.h5: event row 5 \(dataset event 25\) has 3 muons, more than data\.max_particles=2 "
+        r"\(1 such event\)",
+    ):
+        _start(path)
+    assert len(_start(path, "data.max_particles=3", "model.num_queries=3").datasets["train"])
+
+
+def test_events_with_muons_but_no_hit_are_counted_in_one_warning_naming_the_first(tmp_path, caplog):
+    def no_hits(hits, tracks):
+        for i in (3, 24):  # chunk_0 row 3; chunk_1 row 4
+            hits[i] = hits[i][:0]
+
+    path = _dataset(tmp_path, edit=no_hits)
+    with caplog.at_level(logging.WARNING, logger="muonreg.data.checks"):
+        _start(path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "muonreg.data.checks"]
+    assert warning.startswith(
+        f"2 events carry truth muons but no hit (the first: {path / 'data/chunk_0.h5'}: event row 3, "
+        "dataset event 3)"
+    )
 
 
 @pytest.mark.parametrize(

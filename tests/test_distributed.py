@@ -19,7 +19,7 @@ from torch import nn
 from muonreg.config import ConfigError, launch_time
 from muonreg.training.checkpoint import load_checkpoint
 from muonreg.training.distributed import LAUNCH_TIME, Launch, MainRankFailed, first_host, launch, setup
-from muonreg.training.interrupts import Interrupts
+from muonreg.training.interrupts import Interrupts, Stopped
 from muonreg.training.run import check_world_size
 
 SLURM_STEP = {  # what srun gives task 3 of 4 on two nodes
@@ -76,7 +76,7 @@ def test_a_signal_stops_at_once_outside_training_and_is_handed_to_the_launchers_
     received = []
     before = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
     try:
-        with pytest.raises(KeyboardInterrupt, match="SIGUSR2"), Interrupts().installed():
+        with pytest.raises(Stopped, match="stopped by SIGUSR2"), Interrupts().installed():
             os.kill(os.getpid(), signal.SIGUSR2)
         assert received == [signal.SIGUSR2]  # submitit's requeue handler would run here
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -108,7 +108,7 @@ def test_a_stop_signal_checkpoints_the_step_and_the_run_continues_exactly(loader
             log_every_steps=1,
             interrupts=interrupts,
         )
-        with pytest.raises(KeyboardInterrupt, match="checkpoint written"):
+        with pytest.raises(Stopped, match=r"stopped by SIGUSR1: checkpoint .* at epoch 0, batch 3"):
             stopped.fit()
     state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (state["trainer"]["epoch"], state["trainer"]["step_in_epoch"]) == (0, 3)  # not an epoch end

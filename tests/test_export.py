@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -72,6 +73,14 @@ def test_closed_form_solve_matches_lu_on_badly_scaled_normal_matrices():
         )
         < 1e-10
     )
+
+
+def test_an_unwritable_destination_fails_before_any_work(tmp_path):
+    never_read = tmp_path / "best.pt"  # not even there: the destination is checked first
+    out = "/sys/model.onnx"  # a directory nobody may write in, root included
+    with pytest.raises(SystemExit, match=r"^error: /sys/model\.onnx: cannot write the ONNX model there \("):
+        export.main(["--checkpoint", str(never_read), "--out", out])
+    assert not Path(out).exists()
 
 
 @pytest.mark.slow

@@ -267,6 +267,20 @@ def test_unreadable_file_is_skipped_and_recorded_on_request(dump_dir, tmp_path):
     assert len(DatasetReader(out)) == 3
 
 
+def test_skipped_files_are_named_with_their_count_at_the_end(dump_dir, tmp_path, capsys):
+    broken = _broken_copy(dump_dir / "run1.root", "run0_broken.root")
+    out = tmp_path / "ds"
+    prepare_main(["root", "--input", str(dump_dir), "--output", str(out), "--on-error", "skip"])
+    stdout, stderr = capsys.readouterr()
+    assert stdout.strip() == str(out)
+    lines = stderr.strip().splitlines()[-2:]
+    assert lines[0] == (
+        f"skipped 1 of 2 ROOT files (--on-error skip; also in {out / 'metadata.yaml'}, "
+        "processing_summary.files_skipped):"
+    )
+    assert lines[1].startswith(f"  {broken}: ") and "cannot be read" in lines[1]
+
+
 def test_missing_branch_and_impossible_truth_link_name_file_and_problem(tmp_path):
     (tmp_path / "a").mkdir()
     write_dump(tmp_path / "a" / "old.root", drop_branch="spacePoint_covYY")

@@ -185,6 +185,23 @@ def test_what_the_store_never_took_is_named_at_the_end_and_replays(tmp_path, sto
         replay_file(buffer)
 
 
+def test_a_replay_while_the_store_still_refuses_writes_says_so_in_one_line(tmp_path, store):
+    c, uri, experiment = store
+    run_id = c.create_run(experiment).info.run_id
+    buffer = tmp_path / "buffer.jsonl"
+    sink = TrackingSink(c, run_id, uri, buffer)
+    _metrics_table(tmp_path / "mlflow.db", present=False)  # and it stays away during the replay
+    sink.log_metrics({"loss": 1.0}, 0)
+    assert not sink.close("FINISHED")
+    replay = [sys.executable, "-m", "muonreg.tracking.replay", str(buffer)]
+    result = subprocess.run(replay, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: replaying {buffer} into {uri} stopped (") and "metrics" in line
+    assert line.endswith("); what is left stays in the file")
+    assert buffer.is_file()
+
+
 def test_a_resumed_sink_writes_what_its_killed_predecessor_left_without_duplicates(tmp_path, store):
     c, uri, experiment = store
     run_id = c.create_run(experiment).info.run_id
@@ -218,6 +235,17 @@ def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():
     with pytest.raises(TrackingError, match=rf"server {uri} cannot be reached"):
         connect(uri)
     assert time.time() - start < 10
+
+
+def test_a_server_that_accepts_connections_but_never_answers_fails_within_seconds_naming_it():
+    with socket.socket() as silent:  # the kernel completes connections; nothing ever reads or answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.time()
+        with pytest.raises(TrackingError, match=rf"server {uri} does not answer"):
+            connect(uri)
+        assert time.time() - start < 10
 
 
 def test_compare_shows_a_running_run_whose_process_died_as_dead(store):

@@ -6,6 +6,7 @@ Every test works in its own directory (paths.root) and shares one small simulate
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -154,22 +155,33 @@ def last_sidecar(root: Path) -> dict:
 
 
 def signal_when(
-    root: Path, data: Path, overrides: list[str], ready: Callable[[], bool], signum: int = signal.SIGKILL
-) -> None:
-    """Start a run, send it `signum` as soon as `ready()` holds (failing if it ended first)."""
+    root: Path,
+    data: Path,
+    overrides: list[str],
+    ready: Callable[[], bool],
+    signum: int = signal.SIGKILL,
+    group: bool = False,
+) -> tuple[int, str]:
+    """Start a run, send it (or, `group`, its whole process group, as a terminal's Ctrl-C does) `signum`
+    as soon as `ready()` holds, failing if it ended first; return its exit status and stderr."""
     proc = subprocess.Popen(
         command(root, data, *overrides),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # as from a terminal: a test run started in the background would hand down an ignored SIGINT
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(signum)
-    proc.wait()
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    stderr = proc.communicate(timeout=120)[1]
+    return proc.returncode, stderr
 
 
 def _final_parameters(root: Path) -> dict[str, torch.Tensor]:
@@ -198,3 +210,36 @@ def test_kill_and_resume_continues_exactly(tmp_path, data_dir, signum, status):
     assert run.info.run_id == killed_run.info.run_id and run.info.status == "FINISHED"
     history = client(root).get_metric_history(run.info.run_id, "val/loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def _progress(root: Path, marker: str) -> bool:
+    return any(marker in log.read_text() for log in root.glob("outputs/*/*/train.log"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_mid_epoch_checkpoints_that_step_and_ends_in_one_line(tmp_path, data_dir, signum):
+    """A scheduler's SIGTERM and a terminal's Ctrl-C (SIGINT to the whole process group, the loader
+    worker included) stop alike: the step ends, last.pt is written there, one line, no traceback."""
+    overrides = ["trainer.batch_size=8", "trainer.num_workers=1"]  # 35 steps in the epoch
+    returncode, stderr = signal_when(
+        tmp_path,
+        data_dir,
+        overrides,
+        lambda: _progress(tmp_path, "epoch 0 batch 5/"),
+        signum,
+        group=signum == signal.SIGINT,
+    )
+    name = signal.Signals(signum).name
+    assert returncode == 128 + signum and "Traceback" not in stderr, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped by {name}: checkpoint {tmp_path / 'outputs'}"), stderr
+    assert last_line.endswith("; continue it with resume=auto")
+    step = last_sidecar(tmp_path)["global_step"]
+    assert f"at epoch 0, batch {step};" in last_line and 5 <= step < 35  # written at the interrupt
+    (killed,) = runs(tmp_path)
+    assert killed.info.status == "KILLED"
+
+    result = run_train(tmp_path, data_dir, *overrides, "resume=auto")
+    assert f"resumed at epoch 0, batch {step}" in result.stdout  # from that very step
+    (run,) = runs(tmp_path)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"

@@ -1,5 +1,6 @@
 """The training loop: the health guard's three paths, and exact continuation from a checkpoint."""
 
+import logging
 import math
 import os
 import warnings
@@ -179,12 +180,39 @@ def test_checkpoints_are_also_written_by_time_inside_an_epoch(loaders, tmp_path)
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == len(loaders["train"].batch_sampler) > 1
 
 
-def test_an_unknown_optimized_metric_fails_after_the_first_validation_naming_the_choices(loaders, tmp_path):
+def test_a_checkpoint_that_cannot_be_written_is_one_warning_naming_it_and_training_goes_on(
+    loaders, tmp_path, caplog
+):
+    blocker = tmp_path / "checkpoints" / "last.pt.tmp"
+    blocker.mkdir(parents=True)  # where last.pt is written first: no file can be made there
+
+    def unblock_at_step_3(metrics: dict, step: int) -> None:
+        if step == 3:
+            blocker.rmdir()
+
+    trainer = _trainer(loaders, tmp_path, checkpoint_every_steps=1, log=unblock_at_step_3, log_every_steps=1)
+    with caplog.at_level(logging.INFO, logger="muonreg.training.loop"):
+        trainer.fit()
+    assert trainer.state.finished and trainer.state.epoch == 2  # trained to the end
+    last = tmp_path / "checkpoints" / "last.pt"
+    messages = [r.getMessage() for r in caplog.records if str(last) in r.getMessage()]
+    assert messages == [
+        f"cannot write the checkpoint {last} (Is a directory); training goes on, and a kill would lose "
+        "what was trained since the last checkpoint written",
+        f"checkpoint {last} written again",
+    ]
+    assert load_checkpoint(last)["trainer"]["epoch"] == 2
+
+
+def test_an_unknown_optimized_metric_fails_before_training_naming_the_choices(loaders, tmp_path):
     trainer = _trainer(loaders, tmp_path, max_epochs=1, monitor="val/resolution_of_everything")
+    before = torch.get_rng_state()
     with pytest.raises(
         ConfigError, match=r"optimized_metric='val/resolution_of_everything'.*val/qpt_resolution"
     ):
         trainer.fit()
+    assert trainer.state.step_in_epoch == 0 and not (tmp_path / "checkpoints").exists()  # nothing trained
+    assert torch.equal(torch.get_rng_state(), before)  # the check leaves no trace on what follows
 
 
 def test_a_physical_metric_drives_early_stopping(loaders, tmp_path):

@@ -8,8 +8,10 @@ pyproject.toml. The search space is `hydra.sweeper.params`, in Hydra's sweep syn
 
 The study is stored in `storage` under `study_name`, so rerunning the same command continues it up
 to `n_trials`. A trial left RUNNING by a killed search is marked FAIL and its parameters are tried
-first: with `resume=auto` that job continues the killed run from its checkpoint. One search
-process per study at a time. The best trial is written to `<sweep dir>/optimization_results.yaml`.
+first, as a trial that takes its place in `n_trials`: with `resume=auto` that job continues the
+killed run from its checkpoint, so the same command finishes the search it started. One search
+process per study at a time. The best trial is written to `<sweep dir>/optimization_results.yaml`;
+a search in which no trial completed ends with one line saying why each failed.
 """
 
 import logging
@@ -24,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -36,8 +38,11 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from muonreg.errors import ReportedError, one_line
+
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+RETRY_OF = "muonreg.retry_of"  # user attribute of a trial that tries again a killed search's trial
 
 
 # No `from __future__ import annotations` here: Hydra loads plugin modules outside sys.modules, where a
@@ -98,6 +103,12 @@ def search_space(
     return space, fixed
 
 
+def trials_done(study: optuna.Study) -> int:
+    """Finished trials, where a killed trial and the trial that tried it again count once."""
+    retries = sum(RETRY_OF in t.user_attrs for t in study.get_trials(deepcopy=False))
+    return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) - retries
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
         self.settings = OptunaSweeperConf(**settings)
@@ -128,7 +139,8 @@ class OptunaSweeper(Sweeper):
             seed=None if s.seed is None else s.seed + len(study.trials)
         )
         self._retry_stale(study)
-        done = sum(t.state in FINISHED for t in study.trials)
+        done = trials_done(study)
+        failures: dict[int, str] = {}
         log.info(
             "Optuna study %r (%s): %d of %d trials done; searching %s",
             s.study_name, s.storage or "in memory", done, s.n_trials, ", ".join(space),
@@ -143,11 +155,20 @@ class OptunaSweeper(Sweeper):
                 if isinstance(value, int | float) and math.isfinite(value):
                     study.tell(trial, float(value))
                 else:
-                    log.warning("trial %d failed or returned %r: marked FAIL", trial.number, value)
+                    failures[trial.number] = self._why(result)
+                    log.warning("trial %d failed: %s; marked FAIL", trial.number, failures[trial.number])
                     study.tell(trial, state=TrialState.FAIL)
             done += len(trials)
-        self._write_results(study)
+        self._write_results(study, failures)
         return study
+
+    def _why(self, result: JobReturn) -> str:
+        """Why a trial did not complete, in words: its error, or its metric that was never finite."""
+        if result.status == JobStatus.COMPLETED:
+            return (
+                f"its {self.config.get('optimized_metric', 'value')} was never finite ({result.return_value})"
+            )
+        return one_line(result._return_value).removeprefix("error: ")  # Hydra keeps the job's exception there
 
     def _retry_stale(self, study: optuna.Study) -> None:
         """A trial still RUNNING belongs to a search that was killed: fail it and try its parameters again."""
@@ -157,13 +178,15 @@ class OptunaSweeper(Sweeper):
                 trial.number,
             )
             study.tell(trial.number, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
-    def _write_results(self, study: optuna.Study) -> None:
+    def _write_results(self, study: optuna.Study, failures: dict[int, str]) -> None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
-            raise RuntimeError(
-                f"Optuna study {study.study_name!r}: no trial completed (job logs in {self.config.hydra.sweep.dir})"
+            reasons = "; ".join(f"trial {n}: {why}" for n, why in failures.items()) or "in earlier runs"
+            raise ReportedError(
+                f"error: Optuna study {study.study_name!r}: none of its {trials_done(study)} trials completed "
+                f"({reasons}); job logs in {self.config.hydra.sweep.dir}"
             )
         best = study.best_trial
         results = {

@@ -30,6 +30,7 @@ from muonreg.data.format import DatasetReader
 from muonreg.data.geometry import HitGeometry
 from muonreg.data.schema import QPT, TRUTH_LINK
 from muonreg.numerics import safe_inverse
+from muonreg.training.interrupts import ignore_stop_signals
 
 
 class MuonEventDataset(Dataset):
@@ -249,6 +250,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         # The platform's own start method: inside a joblib (loky) sweep job the inherited default
         # context is loky's, which cannot start DataLoader workers.
         multiprocessing_context=multiprocessing.get_all_start_methods()[0] if num_workers > 0 else None,

@@ -14,7 +14,8 @@ of 500 entries (bounded memory), each `data/<stem>_<block>.h5`, named with its R
 Truth muons without a single hit are not muons of the event, as in the reference.
 
 An unreadable (corrupt, truncated) file or one without the branches stops the run with its name
-(`--on-error fail`) or is skipped and listed in `processing_summary.files_skipped` (`skip`).
+(`--on-error fail`) or is skipped (`skip`): the command names the skipped files and their count at
+the end, and `processing_summary.files_skipped` of the metadata lists them.
 The dataset is written into `<output>.partial` and renamed when complete.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import sys
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from muonreg.data import root_layout
 from muonreg.data.cuts import Counts, Cuts, Events, TruthLinkError, apply_cuts
-from muonreg.data.format import DatasetWriter, write_event_file
+from muonreg.data.format import METADATA, DatasetWriter, read_metadata, write_event_file
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors
 
@@ -303,7 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--on-error",
         choices=ON_ERROR,
         default="fail",
-        help="an unreadable ROOT file stops the run (fail) or is skipped and listed in metadata.yaml (skip)",
+        help="an unreadable ROOT file stops the run (fail) or is skipped, named at the end and listed in "
+        "metadata.yaml (skip)",
     )
     parser.add_argument(
         "--uncompressed",
@@ -312,9 +315,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def report_skipped(dataset: Path) -> None:
+    """Name the files `--on-error skip` left out, and how many, on stderr (they are also in the metadata)."""
+    summary = read_metadata(dataset)["processing_summary"]
+    skipped = summary["files_skipped"]
+    if skipped:
+        print(
+            f"skipped {len(skipped)} of {summary['files_seen']} ROOT files (--on-error skip; also in "
+            f"{dataset / METADATA}, processing_summary.files_skipped):",
+            file=sys.stderr,
+        )
+        for entry in skipped:
+            print(f"  {entry['file']}: {entry['error']}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> Path:
     """`muonreg-prepare root` with parsed `args`; user errors leave as one line naming the problem."""
     cuts = Cuts(args.pt_threshold, args.eta_threshold, args.num_hits_threshold, args.no_NSW, args.no_RPC)
     with exit_on_user_errors():
         compression = None if args.uncompressed else "gzip"
-        return prepare_root(args.input, args.output, cuts, args.workers, args.on_error, compression)
+        dataset = prepare_root(args.input, args.output, cuts, args.workers, args.on_error, compression)
+    report_skipped(dataset)
+    return dataset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from muonreg.errors import exit_on_user_errors, root_cause
 from muonreg.tracking.records import RecordBuffer, describe, replay
-from muonreg.tracking.store import TrackingError, connect
+from muonreg.tracking.store import TrackingError, connect, quiet_store_logs
 
 
 def replay_file(path: Path, tracking_uri: str | None = None) -> str:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tracking-uri", help="the store to write to (default: the one named in the file)")
     args = parser.parse_args(argv)
-    with exit_on_user_errors():
+    with exit_on_user_errors(), quiet_store_logs():  # a store still refusing writes: our one line
         for path in args.buffers:
             written = replay_file(path, args.tracking_uri)
             print(f"{path}: replayed {written}")

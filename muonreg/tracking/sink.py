@@ -8,7 +8,8 @@ writes the records to the store, in order, and empties the file whenever it has 
 When the store refuses a write (a locked or read-only SQLite file, a server gone away; a locked
 SQLite file takes MLflow's 20 s busy timeout to say so) the sink warns once, naming the store, and
 retries every RETRY_EVERY_S while training goes on; the records wait, in order, in memory and in
-the file. MLflow's own per-attempt error logs (with tracebacks) are dropped from the writer thread.
+the file. MLflow's own per-attempt error logs (with tracebacks) are dropped from the writer thread
+(store.quiet_store_logs).
 Records the store never took stay in the file, and `close` says what they are and how to replay
 them. A resumed run's sink first writes what its killed predecessor left in the file, and skips
 metric points the store already holds (muonreg.tracking.records.Watermarks). The same thread
@@ -29,25 +30,13 @@ from mlflow.tracking import MlflowClient
 from muonreg.errors import root_cause
 from muonreg.tracking.liveness import HEARTBEAT_S, heartbeat_tag
 from muonreg.tracking.records import Record, RecordBuffer, Watermarks, apply, describe, metrics_record
+from muonreg.tracking.store import quiet_store_logs
 
 log = logging.getLogger(__name__)
 
 RETRY_EVERY_S = 15.0  # how often a store that refused a write is tried again
 CLOSE_TIMEOUT_S = 60.0  # how long the end of a run waits for the writer
 THREAD = "mlflow-sink"
-# Libraries that log every failed attempt, with a traceback, on their own.
-NOISY_LOGGERS = ("mlflow.store.db.utils", "urllib3.connectionpool", "mlflow.utils.rest_utils")
-
-
-class _NotFromTheWriter(logging.Filter):
-    """The sink reports a failing store itself, once; the libraries' per-attempt logs are noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != THREAD
-
-
-for _name in NOISY_LOGGERS:
-    logging.getLogger(_name).addFilter(_NotFromTheWriter())
 
 
 class TrackingSink:
@@ -128,6 +117,10 @@ class TrackingSink:
 
     # -- the writer thread --------------------------------------------------------------------
     def _work(self) -> None:
+        with quiet_store_logs():  # the sink reports a failing store itself, once
+            self._write_all()
+
+    def _write_all(self) -> None:
         while True:
             with self._changed:
                 if not self._pending:

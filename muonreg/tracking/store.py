@@ -6,7 +6,8 @@ job's working directory never matters; `MLFLOW_TRACKING_URI` in the environment 
 the ways a store is unusable into one-line TrackingErrors naming the URI:
 
 - a plain path (`/tmp/x`, `file:...`), which MLflow would take for its retired file store;
-- a server that cannot be reached within PROBE_TIMEOUT_S (MLflow itself retries for minutes);
+- a server that cannot be reached, or that accepts connections but does not answer an HTTP request,
+  within PROBE_TIMEOUT_S (MLflow itself waits 120 s per attempt and retries for minutes);
 - a fresh SQLite file: MLflow creates its schema on first use, and two processes doing so at
   once make one of them fail (`table ... already exists`). A file lock next to the database
   serialises that first use across processes, so any number of sweeps and jobs can start together.
@@ -22,6 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +52,30 @@ SERVER_HOWTO = (
 
 
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+# Libraries that log every failed attempt, with a traceback, and their schema checks, on their own.
+NOISY_LOGGERS = ("mlflow.store.db.utils", "urllib3.connectionpool", "mlflow.utils.rest_utils")
+_QUIET_THREADS: set[int] = set()
+
+
+class _NotFromAQuietThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in _QUIET_THREADS
+
+
+for _name in NOISY_LOGGERS:
+    logging.getLogger(_name).addFilter(_NotFromAQuietThread())
+
+
+@contextmanager
+def quiet_store_logs() -> Iterator[None]:
+    """In this thread, drop the libraries' own logs of the store (NOISY_LOGGERS): for a caller that
+    reports a failing store itself, in one line."""
+    thread = threading.get_ident()
+    _QUIET_THREADS.add(thread)
+    try:
+        yield
+    finally:
+        _QUIET_THREADS.discard(thread)
 
 
 class TrackingError(UserError, RuntimeError):
@@ -70,7 +99,7 @@ def sqlite_file(uri: str) -> Path | None:
 
 
 def check_uri(uri: str) -> None:
-    """Fail fast, naming the URI, on a plain path or an unreachable server."""
+    """Fail fast, naming the URI, on a plain path or a server that cannot be reached or does not answer."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive
         path = Path(parsed.path or uri).resolve()
@@ -81,13 +110,30 @@ def check_uri(uri: str) -> None:
         )
     if parsed.scheme in ("http", "https"):
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        fix = f"point {SOURCES} at a reachable store (unset, runs go to the project's mlflow.db)"
         try:
             socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S).close()
         except OSError as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} cannot be reached ({err}); start it, or point "
-                f"{SOURCES} at a reachable store (unset, runs go to the project's mlflow.db)"
+                f"MLflow tracking server {uri} cannot be reached ({err}); start it, or {fix}"
             ) from err
+        _probe_http(uri, fix)
+
+
+def _probe_http(uri: str, fix: str) -> None:
+    """Any HTTP answer within PROBE_TIMEOUT_S (an error status included: the server is alive, and MLflow
+    names the problem); silence means a hung server or something that is not one."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors
+        if isinstance(getattr(err, "reason", err), ssl.SSLError):
+            return  # it answered; a certificate MLflow is told to trust (or not) is MLflow's business
+        raise TrackingError(
+            f"MLflow tracking server {uri} does not answer within {PROBE_TIMEOUT_S:.0f} s "
+            f"({getattr(err, 'reason', err)}); restart it, or {fix}"
+        ) from err
 
 
 def cluster_job(world_size: int) -> str | None:

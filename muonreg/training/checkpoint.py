@@ -47,10 +47,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], sidecar: dict[str, Any]) -> None:
-    """Atomically write `state` to `path` and `sidecar` to `path.json`."""
+    """Atomically write `state` to `path` and `sidecar` to `path.json`; an OSError when the files
+    cannot be written (no permission, no room: opened here, so not torch's C++ error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
     os.replace(tmp, path)
     tmp_json = path.with_name(path.name + ".json.tmp")
     tmp_json.write_text(json.dumps({**sidecar, "path": str(path)}, indent=1))

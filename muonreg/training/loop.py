@@ -33,10 +33,20 @@ from muonreg.training.checkpoint import rng_state, save_checkpoint, set_rng_stat
 from muonreg.training.device import to_device
 from muonreg.training.distributed import World
 from muonreg.training.health import HealthGuard, StepFlags
-from muonreg.training.interrupts import Interrupts
+from muonreg.training.interrupts import Interrupts, stopped_by
 from muonreg.training.optim import step_unless
 
 log = logging.getLogger(__name__)
+
+
+class _FirstBatch:
+    """A loader's first batch, as a loader of its own (for `Trainer.check_monitor`)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.batch_sampler = loader, loader.batch_sampler
+
+    def __iter__(self):
+        yield next(iter(self.loader))
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_s = 60.0 * checkpoint_every_minutes
         self._saved_at = time.monotonic()
+        self._unwritable = False  # the last checkpoint write failed
         self.guard = guard
         self.log = log
         self.log_every_steps = log_every_steps
@@ -225,30 +236,45 @@ class Trainer:
         continue."""
         path = self.save("last.pt")
         self.world.close()
+        where = f"epoch {self.state.epoch}, batch {self.state.step_in_epoch}"
+        stop = stopped_by(
+            self.interrupts.signum,  # None on a rank that the signal did not reach
+            f"checkpoint {path} at {where}"
+            if path
+            else f"at {where}, no checkpoint could be written; the last one written holds the run",
+        )
         if self.is_main:
-            log.warning(
-                "stop signal: checkpoint %s at epoch %d, batch %d; the run can be continued",
-                path,
-                self.state.epoch,
-                self.state.step_in_epoch,
-            )
-        raise KeyboardInterrupt("stop signal: checkpoint written")
+            log.warning("%s", stop)
+        raise stop
 
     def evaluate(self, split: str) -> tuple[dict[str, float], Any]:
         """Mean losses and metrics of a split, with the records behind them (per muon for the tracker,
         per hit for the hit filter)."""
         return self.evaluator(self.model, self.loaders[split], self.device, self.amp_dtype, prefix=split)
 
+    def _require_monitor(self, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise ConfigError(
+                f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
+                f"{sorted(k for k in metrics if k.startswith('val/'))}"
+            )
+
+    def check_monitor(self) -> None:
+        """Fail before training if validation does not compute the monitored metric: one validation
+        batch names them all. It leaves no trace (a DataLoader draws a seed from torch's RNG)."""
+        with torch.random.fork_rng(devices=[]):
+            metrics, _ = self.evaluator(
+                self.model, _FirstBatch(self.loaders["val"]), self.device, self.amp_dtype, prefix="val"
+            )
+        self._require_monitor(metrics)
+
     def fit(self) -> float:
         """Train until max_epochs or early stopping; return the best monitored value."""
+        self.check_monitor()
         while self.state.epoch < self.max_epochs and not self.state.finished:
             metrics = self.train_epoch()
             metrics.update(self.world.share(self.evaluate("val")[0] if self.is_main else None))
-            if self.monitor not in metrics:
-                raise ConfigError(
-                    f"optimized_metric={self.monitor!r} is not a metric of the epoch; choose one of "
-                    f"{sorted(k for k in metrics if k.startswith('val/'))}"
-                )
+            self._require_monitor(metrics)
             value = metrics[self.monitor]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
@@ -304,18 +330,36 @@ class Trainer:
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # before issue 15: rank 0's
         set_rng_state(rng[self.world.rank])
 
-    def save(self, name: str) -> Path:
-        """Write a checkpoint (rank 0); every rank calls it at the same steps (it gathers their RNG)."""
+    def save(self, name: str) -> Path | None:
+        """Write a checkpoint (rank 0); every rank calls it at the same steps (it gathers their RNG).
+        A checkpoint that cannot be written (no room, no permission) is a warning, once until one is
+        written again, and None: training goes on, since stopping would lose for sure what a kill only
+        might."""
         path = self.checkpoint_dir / name
         self._check_health(wait=True)  # so that the step counts it records are exact
         state = self.state_dict()
-        if self.is_main:
-            sidecar = {
-                **self.metadata,
-                "epoch": self.state.epoch,
-                "global_step": self.state.global_step,
-                "finished": self.state.finished,
-            }
-            save_checkpoint(path, state, sidecar)
         self._saved_at = time.monotonic()
+        if not self.is_main:
+            return path
+        sidecar = {
+            **self.metadata,
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "finished": self.state.finished,
+        }
+        try:
+            save_checkpoint(path, state, sidecar)
+        except OSError as err:
+            if not self._unwritable:
+                log.warning(
+                    "cannot write the checkpoint %s (%s); training goes on, and a kill would lose what "
+                    "was trained since the last checkpoint written",
+                    path,
+                    err.strerror or err,
+                )
+            self._unwritable = True
+            return None
+        if self._unwritable:
+            log.info("checkpoint %s written again", path)
+        self._unwritable = False
         return path

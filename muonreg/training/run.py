@@ -68,13 +68,15 @@ def _requeued() -> bool:
 def _claim_run_dir(cfg: DictConfig, cfg_hash: str) -> RunDir:
     """The run directory this job works in, locked: the run to resume, or a fresh one (Hydra's).
 
-    A job that finds an unfinished run of its own config in its own output directory continues it:
-    that is a requeued submitit job, which SLURM starts again with the same arguments. A requeued
-    job of your own sbatch script (new directory) resumes as with `resume=auto`.
+    A job that finds a run of its own config in its own output directory continues it, or, finished,
+    has nothing to do: that is a requeued submitit job, which SLURM starts again with the same
+    arguments, or a job of a sweep run again in the same `hydra.sweep.dir` (killed sweeps are finished
+    so, with or without `resume=auto`). A requeued job of your own sbatch script (new directory)
+    resumes as with `resume=auto`.
     """
     client = connect(tracking_uri(cfg))  # a store that does not answer fails here, before any rank trains
     here = RunDir(output_dir())
-    if cfg.resume is None and here.record:
+    if cfg.resume in (None, "auto") and here.record:
         return _continue_in_place(here, cfg_hash)
     resume = cfg.resume if cfg.resume is not None or not _requeued() else "auto"
     if resume is not None:
@@ -96,10 +98,8 @@ def _continue_in_place(here: RunDir, cfg_hash: str) -> RunDir:
         raise ConfigError(f"{where} of another configuration; give this one its own hydra.run.dir")
     if not here.acquire():
         raise ConfigError(f"{where}, which a live process is training")
-    if here.record.get("done"):
-        here.release()
-        raise ConfigError(f"{where}, finished; a finished run is never written to again")
-    log.info("continuing the unfinished run in %s (a requeued job)", here.path)
+    if not here.record.get("done"):
+        log.info("continuing the unfinished run in %s (a requeued job, or a sweep run again)", here.path)
     return here
 
 
@@ -134,13 +134,20 @@ def train(cfg: DictConfig) -> float:
     cfg_hash = config_hash(cfg)
     run_dir: RunDir | None = None
 
-    def claim() -> tuple[Path, Path | None]:
+    def claim() -> tuple[Path, Path | None, float | None]:
         nonlocal run_dir
         run_dir = _claim_run_dir(cfg, cfg_hash)
-        return run_dir.path, run_dir.checkpoint
+        record = run_dir.record
+        return run_dir.path, run_dir.checkpoint, record.get("best", math.nan) if record.get("done") else None
 
     with Interrupts().installed() as interrupts:  # scheduler signals: checkpoint, stop, requeue
-        path, checkpoint = world.from_main(claim)
+        path, checkpoint, finished_best = world.from_main(claim)
+        if finished_best is not None:  # a finished run is never written to again
+            log.info("%s holds this job's finished run: nothing to do", path)
+            if run_dir is not None:
+                run_dir.release()
+            world.close()
+            return finished_best
         try:
             state = load_checkpoint(checkpoint) if checkpoint else None
             resume_id = run_dir.record.get("mlflow_run_id") if run_dir else None
@@ -166,7 +173,7 @@ def train(cfg: DictConfig) -> float:
                     )
                 best = _train_and_test(cfg, world, state, path, sink, cfg_hash, interrupts)
             if run_dir is not None:
-                run_dir.write(done=True)
+                run_dir.write(done=True, best=best)  # best: what a sweeper hears if the job runs again
         finally:
             if run_dir is not None:
                 run_dir.release()

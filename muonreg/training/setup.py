@@ -109,7 +109,7 @@ def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
             raise ConfigError(
                 f"data.split={list(cfg.data.split)} leaves the {name} split of {n} events empty"
             )
-    check_truth(reader, splits)
+    check_truth(reader, splits, cfg.data.max_particles)
     return RunData(path, features, datasets)
 
 
