@@ -8,7 +8,8 @@ hits. Per arm: mean and 95 % Student-t interval over the seeds.
     python bench/hit_filter_study.py --device cuda --jobs 7 ...      (several trainings at once on one GPU)
 
 Each (arm, seed) trains in its own process with muonreg's training loop, without an MLflow store,
-and writes `<arm>-seed<k>.json` (settings, timing, validation, test and held-out metrics); the
+and writes `<arm>-seed<k>.json` (settings, timing, validation, test and held-out metrics, each at the
+cuts set on validation: choices are made on validation, figures reported on the held-out set); the
 summary goes to `summary.md` and `summary.json`. `--set KEY=VALUE` changes every arm (e.g. the
 training set's size: data.simulation.events=1000).
 """
@@ -143,6 +144,7 @@ def train_one(arm: str, seed: int, device: str, extra: list[str], out: Path) -> 
         DatasetReader(dataset_path(_heldout_cfg(extra), False)), data.features, [], cfg.data.max_particles
     )
     test_sets = {
+        "val": (data.datasets["val"], loaders["val"]),  # what choices are made on
         "test": (data.datasets["test"], loaders["test"]),
         "heldout": (heldout, make_loader(heldout, cfg.trainer.eval_batch_size, shuffle=False)),
     }
