@@ -234,7 +234,9 @@ PILEUP = ("+experiment=hit_filter", "data.simulation.events=100", "data.simulati
 def filter_run(tmp_path_factory) -> tuple[Path, mlflow.entities.Run]:
     """One real filter training via train.py on smoke-sized pile-up events (~800 hits each)."""
     root, data = tmp_path_factory.mktemp("filter"), tmp_path_factory.mktemp("filter-data")
-    run_train(root, data, *PILEUP, "data.max_events=null", "trainer.max_epochs=3", "tracking.experiment=muonreg")
+    run_train(
+        root, data, *PILEUP, "data.max_events=null", "trainer.max_epochs=3", "tracking.experiment=muonreg"
+    )
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("muonreg").experiment_id)
     return root, run
