@@ -251,8 +251,9 @@ def compare_filter(model: HitFilter, path: Path, batches: Sequence[tuple[str, di
         }
         hits, beyond = hits + int(valid.sum()), beyond + int((diff > PROBABILITY_ATOL).sum())
     report.update(
-        tracks=hits,
-        tracks_beyond_tolerance=beyond,
+        judged="hit probabilities",
+        checked=hits,
+        beyond_tolerance=beyond,
         tolerance={"probability": PROBABILITY_ATOL, "outliers": CHECK_OUTLIERS},
     )
     if beyond > CHECK_OUTLIERS * hits:
