@@ -13,6 +13,7 @@ error, and every table counts its muons.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,13 @@ def bin_name(lo: float, hi: float) -> str:
     return "pt" + "_".join(f"{x:g}".replace(".", "p") for x in (lo, hi))
 
 
+def _ratio(value: float, error: float) -> str:
+    """A ratio with its error: '1.23 ± 0.04x'; '-' where the network lost more than 31.7 % (no width)."""
+    if math.isinf(value):
+        return "-"
+    return f"{value:.2f}x" if math.isnan(error) else f"{value:.2f} ± {error:.2f}x"
+
+
 def summary(tables: dict[str, dict[str, list[dict]]]) -> str:
     """A few readable lines: the network beside the least-squares fit, overall and per pT bin."""
     net, compared = tables[NETWORK], tables.get(COMPARISON)
@@ -283,8 +291,8 @@ def summary(tables: dict[str, dict[str, list[dict]]]) -> str:
             if ref is not None:
                 text += f" | {ref['pt_resolution']:.3f} {ref['pt_bias']:+.3f} {ref['charge_accuracy']:.3f}"
             text += (
-                f" | {c['ratio_pt_resolution']:.2f} ± {c['ratio_pt_resolution_err']:.2f}x"
-                f" | {c['ratio_lost_pt_resolution']:.2f} ± {c['ratio_lost_pt_resolution_err']:.2f}x"
+                f" | {_ratio(c['ratio_pt_resolution'], c['ratio_pt_resolution_err'])}"
+                f" | {_ratio(c['ratio_lost_pt_resolution'], c['ratio_lost_pt_resolution_err'])}"
                 f" | {c['muons']:.0f}"
             )
         lines.append(text)
