@@ -285,12 +285,11 @@ def summary(tables: dict[str, dict[str, list[dict]]]) -> str:
     for i, row in enumerate([net["all"][0], *net["pT [GeV]"]]):
         label = "all" if i == 0 else f"{row['lo']:g}-{row['hi']:g} GeV"
         text = f"  {label:>11}: {row['pt_resolution']:.3f} {row['pt_bias']:+.3f} {row['charge_accuracy']:.3f}"
-        if compared:
-            ref = [tables[FIT]["all"][0], *tables[FIT]["pT [GeV]"]][i] if FIT in tables else None
+        if compared:  # a comparison comes with the fit's own table (write_report's `reference`)
+            ref = [tables[FIT]["all"][0], *tables[FIT]["pT [GeV]"]][i]
             c = [compared["all"][0], *compared["pT [GeV]"]][i]
-            if ref is not None:
-                text += f" | {ref['pt_resolution']:.3f} {ref['pt_bias']:+.3f} {ref['charge_accuracy']:.3f}"
             text += (
+                f" | {ref['pt_resolution']:.3f} {ref['pt_bias']:+.3f} {ref['charge_accuracy']:.3f}"
                 f" | {_ratio(c['ratio_pt_resolution'], c['ratio_pt_resolution_err'])}"
                 f" | {_ratio(c['ratio_lost_pt_resolution'], c['ratio_lost_pt_resolution_err'])}"
                 f" | {c['muons']:.0f}"

@@ -2,15 +2,15 @@
 
 Two measures of "how many times the least-squares fit's resolution", per bin:
 
-- **same muons** (`ratio_pt_resolution`): the 68 % core of (pT - true) / true of the network over the
-  fit's, both on the muons the network reconstructed and the fit converged on (`paired_muons`); the
-  network's efficiency stands beside it, and the muons the network reconstructed where the fit did not converge are
-  counted (`fit_failed`), not hidden.
-- **lost muons as failures** (`ratio_lost_pt_resolution`): every true muon of the bin counts. A muon the network
-  lost (or the fit failed on) counts as a residual beyond both ends of the interval, half of them
-  below and half above; the width is then the half-width of the central 68.27 % of *all* muons
-  (`lost_core_width`), which is the core width when nothing is lost and infinite once more than
-  31.7 % are. A tracker that loses its hardest muons cannot look better by it.
+- **same muons** (`ratio_pt_resolution`): the 68 % core of (pT - true) / true of the network over
+  the fit's, both on the muons the network reconstructed and the fit converged on (`paired_muons`);
+  the network's efficiency stands beside it, and the network's muons where the fit did not converge
+  are counted (`fit_failed`), not hidden.
+- **lost muons as failures** (`ratio_lost_pt_resolution`): every true muon of the bin counts. A muon
+  the network lost (or the fit failed on) counts as a residual beyond both ends of the interval,
+  half of them below and half above; the width is then the half-width of the central 68.27 % of
+  *all* muons (`lost_core_width`), which is the core width when nothing is lost and infinite once
+  more than 31.7 % are. A tracker that loses its hardest muons cannot look better by it.
 
 Errors are bootstraps of the muons (`metrics.bootstrap_indices`): the network and the fit are
 resampled together, so the ratio's error keeps their correlation (the same muons' scattering).

@@ -130,16 +130,15 @@ def simulated_set_path(cfg: DictConfig, name: str, progress: bool = True) -> Pat
     probable value and width)."""
     run, config = simulation_settings(cfg.data.simulation)
     block = cfg.evaluation[name]
+    training_detector = run["seed"] if config.alignment_seed is None else config.alignment_seed
     alignment = block.get("alignment_seed")
     shift = 1.0 + float(block.get("energy_loss_shift", 0.0))
     config = dataclasses.replace(
         config,
-        alignment_seed=run["seed"] if config.alignment_seed is None else config.alignment_seed,
+        alignment_seed=training_detector if alignment is None else int(alignment),
         energy_loss_mpv=config.energy_loss_mpv * shift,
         energy_loss_width=config.energy_loss_width * shift,
     )
-    if alignment is not None:
-        config = dataclasses.replace(config, alignment_seed=int(alignment))
     return ensure_simulated(cfg.paths.data, int(block.events), int(block.seed), 1, config, progress=progress)
 
 
@@ -156,13 +155,10 @@ def evaluation_sets(cfg: DictConfig, data: RunData, progress: bool = True) -> di
             sets[name] = MuonEventDataset(reader, data.features, _targets(cfg), cfg.data.max_particles)
         elif name == "validation":
             sets[name] = data.datasets["val"]
+        elif cfg.data.path is None:
+            log.info("no held-out set: evaluation.heldout.events=0")
         else:
-            log.info(
-                "no held-out set: %s",
-                "evaluation.heldout.events=0"
-                if cfg.data.path is None
-                else ("it is simulated, and this run trains on data.path"),
-            )
+            log.info("no held-out set: it is simulated, and this run trains on data.path")
     return sets
 
 
