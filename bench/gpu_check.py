@@ -140,7 +140,10 @@ def endless(loader) -> Iterator[dict]:
 
 def training(trainer: Trainer, loader, args, device: torch.device) -> None:
     batches = endless(loader)
-    events = hits = 0
+    events, hits = (
+        0,
+        torch.zeros((), dtype=torch.int64, device=device),
+    )  # summed on the device: no sync per step
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize()
@@ -151,11 +154,12 @@ def training(trainer: Trainer, loader, args, device: torch.device) -> None:
         trainer.train_step(batch)
         if step >= args.warmup:
             events += len(batch["event_index"])
-            hits += int(batch["hit_valid"].sum())
+            hits += batch["hit_valid"].sum()
     synchronize()
     elapsed = time.perf_counter() - start
     print(
-        f"# {args.steps} steps of batch {args.batch} after {args.warmup} warm-up, {hits / events:.0f} hits/event"
+        f"# {args.steps} steps of batch {args.batch} after {args.warmup} warm-up, "
+        f"{int(hits) / events:.0f} hits/event"
     )
     show("train_events_per_s", events / elapsed)
     show("train_peak_mib", mib(torch.cuda.max_memory_allocated()) if CUDA else NO_CUDA)

@@ -1,11 +1,15 @@
 """Compare the runs of a sweep from MLflow: `python -m muonreg.compare [--parent ID | --experiment NAME ...]`.
 
 By default the latest sweep (the newest parent run made by a multirun). One row per combination
-of the swept parameters, with the mean and spread over seeds of the key test metrics, and how
-many of its runs FINISHED, FAILED, are still RUNNING, or are DEAD: RUNNING in MLflow, but their
-process died without closing them (failed rows are shown, not dropped), and the best run by the
-metric the runs optimised (`best/<optimized_metric>`: an Optuna search's best trial). Plots
-show each metric against each numeric swept parameter. The report (Markdown, CSV, PNG) is
+of the swept parameters, with the mean over seeds of the key metrics and its 95 % Student-t
+interval (n - 1 degrees of freedom: 3 seeds give 4.30 standard errors, not 1.96), and how many of
+its runs FINISHED, FAILED, are still RUNNING, or are DEAD: RUNNING in MLflow, but their process died
+without closing them (failed rows are shown, not dropped). The metrics come per set (DESIGN
+section 8): `validation/` chooses (rows are ranked by `--rank-by`, a validation metric, and the best
+row per pT bin is marked there), `heldout/` (the held-out detector) and `test/` (the default
+dataset's test split) are reported beside it; every per-bin table counts its muons. Also the best
+run by the metric the runs optimised (`best/<optimized_metric>`: an Optuna search's best trial).
+Plots show each metric against each numeric swept parameter. The report (Markdown, CSV, PNG) is
 written to --out and logged to the sweep's parent run. Works on the SQLite store and on an
 `mlflow server` alike (--tracking-uri or MLFLOW_TRACKING_URI).
 """
@@ -27,42 +31,52 @@ import matplotlib.pyplot as plt
 import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from muonreg.config import project_root
-from muonreg.errors import exit_on_user_errors
+from muonreg.errors import UserError, exit_on_user_errors
 from muonreg.tracking.liveness import process_died
 from muonreg.tracking.store import connect, default_tracking_uri
 
+# The sets a run is evaluated on (metric prefixes), in the order of the report: choose, then measure.
+SETS = (
+    ("validation", "validation: what choices are made on"),
+    ("heldout", "held-out detector: the headline figures"),
+    ("test", "test split of the default dataset: quick look"),
+)
+RANK_BY = "validation/pt_resolution"
+MARKED = ("ratio_pt_resolution", "ratio_lost_pt_resolution", "pt_resolution")  # lower is better
+CONFIDENCE = 0.95
 METRICS = (
-    ("test/pt_resolution", "σ(pT)/pT core"),
-    ("test/qpt_resolution", "σ(q/pT)·pT core"),
-    ("test/pt_resolution_rms", "σ(pT)/pT RMS"),
-    ("test/track_efficiency", "efficiency"),
-    ("test/fake_rate", "fake rate"),
-    ("test/hit_purity", "hit purity"),
-    ("test/hit_efficiency", "hit efficiency"),
-    ("test/charge_accuracy", "charge acc."),
-    ("test/eta_resolution", "σ(η)"),
-    ("test/phi_resolution_mrad", "σ(φ) mrad"),
-    ("test/oracle_pt_resolution", "truth-assignment σ(pT)/pT"),
-    ("test/robust_fit_pt_resolution", "robust fit of assigned hits σ(pT)/pT"),
-    ("test/fit_pt_resolution", "LSQ fit σ(pT)/pT"),
-    ("test/fit_qpt_resolution", "LSQ fit σ(q/pT)·pT"),
-    ("test/fit_eta_resolution", "LSQ fit σ(η)"),
-    ("test/fit_phi_resolution_mrad", "LSQ fit σ(φ) mrad"),
+    ("pt_resolution", "σ(pT)/pT core"),
+    ("ratio_pt_resolution", "÷ LSQ fit, same muons"),
+    ("ratio_lost_pt_resolution", "÷ LSQ fit, lost = failed"),
+    ("qpt_resolution", "σ(q/pT)·pT core"),
+    ("track_efficiency", "efficiency"),
+    ("fake_rate", "fake rate"),
+    ("hit_purity", "hit purity"),
+    ("hit_efficiency", "hit efficiency"),
+    ("charge_accuracy", "charge acc."),
+    ("eta_resolution", "σ(η)"),
+    ("phi_resolution_mrad", "σ(φ) mrad"),
+    ("oracle_pt_resolution", "truth-assignment σ(pT)/pT"),
+    ("fit_pt_resolution", "LSQ fit σ(pT)/pT"),
 )
-# Per pT bin (metrics <name>_pt<lo>_<hi>, see evaluation.report): the network beside the fit.
+# Per pT bin (metrics <set>/<name>_pt<lo>_<hi>, see evaluation.report).
 BINNED = (
-    ("test/pt_resolution", "σ(pT)/pT"),
-    ("ratio", "÷ LSQ fit"),
-    ("test/oracle_pt_resolution", "truth assignment"),
-    ("test/pt_bias", "bias"),
-    ("test/charge_accuracy", "charge acc."),
-    ("test/fit_pt_resolution", "LSQ fit"),
+    ("ratio_pt_resolution", "σ(pT)/pT ÷ LSQ fit, same muons"),
+    ("ratio_lost_pt_resolution", "σ(pT)/pT ÷ LSQ fit, lost muons as failures"),
+    ("pt_resolution", "σ(pT)/pT"),
+    ("oracle_pt_resolution", "truth-assignment σ(pT)/pT"),
+    ("fit_pt_resolution", "LSQ fit σ(pT)/pT"),
+    ("pt_bias", "bias"),
+    ("charge_accuracy", "charge acc."),
+    ("track_efficiency", "efficiency"),
 )
-BIN = re.compile(r"^test/pt_resolution_(pt[0-9p]+_[0-9p]+)$")
-REFERENCE = {"test/pt_resolution": "test/fit_pt_resolution", "test/qpt_resolution": "test/fit_qpt_resolution"}
-PLOTTED = ("test/pt_resolution", "test/qpt_resolution", "test/track_efficiency", "test/hit_purity")
+BIN = re.compile(
+    r"^(?:validation|heldout|test)/muons_(pt[0-9p]+_[0-9p]+)$"
+)  # every evaluated set logs its counts
+PLOTTED = ("pt_resolution", "qpt_resolution", "track_efficiency", "hit_purity")
 IGNORED_PARAMS = ("paths.", "tracking.", "resume")  # where a run logged, not what it computed
 SEED = "seed"
 
@@ -139,19 +153,41 @@ def _bin_low(name: str) -> float:
     return float(name[2:].split("_")[0].replace("p", "."))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = float(np.mean(values)) if values else math.nan
-    return mean, float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+def sets(runs: list[Run]) -> list[str]:
+    """The sets (metric prefixes of SETS) that any of the runs was evaluated on."""
+    logged = {k.split("/")[0] for r in runs for k in r.data.metrics}
+    return [name for name, _ in SETS if name in logged]
 
 
-def table(runs: list[Run], swept: list[str]) -> list[dict]:
-    """One row per combination of swept values (seeds pooled): statuses, mean and std of each metric,
-    overall and per pT bin (`<metric>_<bin>`; `ratio_<bin>`: network over LSQ fit, per run)."""
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, count and the half-width of the CONFIDENCE Student-t
+    interval of the mean (n - 1 degrees of freedom); NaN where the values cannot give it."""
+    n = len(values)
+    mean = float(np.mean(values)) if n else math.nan
+    std = float(np.std(values, ddof=1)) if n > 1 else math.nan
+    t = float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)) if n > 1 else math.nan
+    return {"": mean, " std": std, " n": float(n), " ci": t * std / math.sqrt(n) if n > 1 else math.nan}
+
+
+def metric_names(prefixes: list[str], bins: list[str]) -> list[str]:
+    """Every metric a row summarises: each set's overall metrics, then its per-bin ones."""
+    names = []
+    for prefix in prefixes:
+        names += [f"{prefix}/{m}" for m, _ in METRICS]
+        names += [f"{prefix}/{m}_{b}" for m, _ in BINNED for b in bins]
+        names += [f"{prefix}/muons_{b}" for b in bins]
+    return names
+
+
+def table(runs: list[Run], swept: list[str], rank_by: str = RANK_BY) -> list[dict]:
+    """One row per combination of swept values (seeds pooled): statuses, and `spread` of each metric
+    (`<name>`, `<name> std`, `<name> n`, `<name> ci`), overall and per pT bin, of every set. Rows are
+    ranked by the mean of `rank_by` (lowest first; rows without it last)."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     keys = [k for k in swept if k != SEED]
     for run in runs:
         groups[tuple(run.data.params.get(k, "") for k in keys)].append(run)
-    bins = pt_bins(runs)
+    names = metric_names(sets(runs), pt_bins(runs))
     rows = []
     for values, members in sorted(groups.items()):
         status = defaultdict(int)
@@ -163,15 +199,10 @@ def table(runs: list[Run], swept: list[str]) -> list[dict]:
             "runs": len(members),
             "status": ", ".join(f"{n} {s}" for s, n in sorted(status.items())),
         }
-        names = [m for m, _ in METRICS] + [f"{m}_{b}" for m, _ in BINNED if m != "ratio" for b in bins]
-        for name in names:
-            row[name], row[f"{name} std"] = _mean_std([m[name] for m in done if name in m])
-        for b in bins:
-            net, fit = f"test/pt_resolution_{b}", f"test/fit_pt_resolution_{b}"
-            ratios = [m[net] / m[fit] for m in done if net in m and m.get(fit, 0) > 0]
-            row[f"ratio_{b}"], row[f"ratio_{b} std"] = _mean_std(ratios)
+        for name in [*names, rank_by]:
+            row |= {name + k: v for k, v in spread([m[name] for m in done if name in m]).items()}
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: math.inf if math.isnan(r[rank_by]) else r[rank_by])
 
 
 def best_run(runs: list[Run]) -> tuple[Run, str, int] | None:
@@ -200,47 +231,82 @@ def _best_line(found: tuple[Run, str, int] | None, swept: list[str], total: int)
     ]
 
 
-def _cell(row: dict, metric: str) -> str:
-    mean, std = row[metric], row[f"{metric} std"]
+def _cell(row: dict, metric: str, bold: bool = False) -> str:
+    mean, half = row[metric], row[f"{metric} ci"]
     if math.isnan(mean):
         return "–"
-    if math.isnan(std):
-        return f"{mean:.4g}"
-    if std <= 1e-9 * abs(mean):  # the same value in every seed (e.g. the LSQ reference)
-        return f"{mean:.4g} ± 0"
-    return f"{mean:.4g} ± {std:.2g}"
+    if math.isnan(half):
+        text = f"{mean:.4g}"
+    elif row[f"{metric} std"] <= 1e-9 * abs(mean):  # the same value in every seed (e.g. the LSQ reference)
+        text = f"{mean:.4g} ± 0"
+    else:
+        text = f"{mean:.4g} ± {half:.2g}"
+    return f"**{text}**" if bold else text
+
+
+def _bin_label(rows: list[dict], prefix: str, b: str) -> str:
+    """A pT bin's column: its edges and the muons it holds (a range where the runs' sets differ)."""
+    counts = [r[f"{prefix}/muons_{b}"] for r in rows if not math.isnan(r[f"{prefix}/muons_{b}"])]
+    edges = b[2:].replace("_", "-").replace("p", ".")
+    if not counts:
+        return edges
+    lo, hi = min(counts), max(counts)
+    return f"{edges} (n={lo:.0f})" if lo == hi else f"{edges} (n={lo:.0f}-{hi:.0f})"
+
+
+def _table_lines(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(c) + " |" for c in body
+    ]
 
 
 def markdown(
-    rows: list[dict], swept: list[str], title: str, bins: list[str] = (), best: list[str] = ()
+    rows: list[dict],
+    swept: list[str],
+    title: str,
+    bins: Sequence[str] = (),
+    best: Sequence[str] = (),
+    prefixes: Sequence[str] = ("test",),
+    rank_by: str = RANK_BY,
 ) -> str:
     keys = [k for k in swept if k != SEED]
-    head = [*keys, "runs", "status", *[name for _, name in METRICS]]
-    lines = [f"## {title}", "", *best, "Mean ± standard deviation over seeds (FINISHED runs only).", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = (
-            [str(row[k]) for k in keys]
-            + [str(row["runs"]), row["status"]]
-            + [_cell(row, m) for m, _ in METRICS]
+    lines = [f"## {title}", "", *best]
+    ranked = [r for r in rows if not math.isnan(r[rank_by])]
+    if ranked and keys:
+        chosen = ", ".join(f"{k}={ranked[0][k]}" for k in keys)
+        lines += [f"Chosen by validation (lowest mean {rank_by}, rows ranked by it): {chosen}.", ""]
+    lines += [
+        f"Mean over seeds ± the half-width of its {CONFIDENCE:.0%} Student-t interval (n - 1 degrees of "
+        "freedom; FINISHED runs only); bold: the best row of a validation bin. n: true muons per bin.",
+        "",
+    ]
+    labels = dict(SETS)
+    for prefix in prefixes:
+        lines += [f"### {labels[prefix]}", ""]
+        head = [*keys, "runs", "status", *[name for _, name in METRICS]]
+        lines += _table_lines(
+            head,
+            [
+                [str(r[k]) for k in keys]
+                + [str(r["runs"]), r["status"]]
+                + [_cell(r, f"{prefix}/{m}") for m, _ in METRICS]
+                for r in rows
+            ],
         )
-        lines.append("| " + " | ".join(cells) + " |")
-    for metric, name in BINNED if bins else ():
-        lines += [
-            "",
-            f"### {name} per pT bin [GeV]"
-            + (" (network over least-squares fit, per run)" if metric == "ratio" else ""),
-            "",
-        ]
-        head = [*keys, *[b[2:].replace("_", "-").replace("p", ".") for b in bins]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in rows:
-            key = "ratio" if metric == "ratio" else metric
-            lines.append(
-                "| "
-                + " | ".join([str(row[k]) for k in keys] + [_cell(row, f"{key}_{b}") for b in bins])
-                + " |"
-            )
+        for metric, name in BINNED if bins else ():
+            lines += ["", f"#### {prefix}: {name} per pT bin [GeV]", ""]
+            head = [*keys, *[_bin_label(rows, prefix, b) for b in bins]]
+            body = []
+            for r in rows:
+                cells = []
+                for b in bins:
+                    key = f"{prefix}/{metric}_{b}"
+                    means = [x[key] for x in rows if not math.isnan(x[key])]
+                    best_here = prefix == "validation" and metric in MARKED and len(means) > 1
+                    cells.append(_cell(r, key, bold=best_here and r[key] == min(means)))
+                body.append([str(r[k]) for k in keys] + cells)
+            lines += _table_lines(head, body)
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -251,8 +317,9 @@ def _number(value: str) -> float | None:
         return None
 
 
-def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
-    """For each swept parameter: the key metrics against it, one line per other combination.
+def plot(rows: list[dict], swept: list[str], out: Path, prefix: str = "test") -> list[Path]:
+    """For each swept parameter: the key metrics of one set against it, one line per other combination
+    (error bars: the t-interval of the mean).
 
     Numeric parameters (assignment_threshold) get a numeric axis, others (inverse_fields) categories.
     """
@@ -263,7 +330,8 @@ def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
         position = _number if numeric else str
         others = [k for k in keys if k != x]
         fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
-        for ax, metric in zip(axes.flat, PLOTTED, strict=True):
+        for ax, name in zip(axes.flat, PLOTTED, strict=True):
+            metric = f"{prefix}/{name}"
             lines: dict[tuple, list[dict]] = defaultdict(list)
             for r in rows:
                 lines[tuple(r[k] for k in others)].append(r)
@@ -272,22 +340,22 @@ def plot(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
                 ax.errorbar(
                     [position(r[x]) for r in members],
                     [r[metric] for r in members],
-                    yerr=[0 if math.isnan(r[f"{metric} std"]) else r[f"{metric} std"] for r in members],
+                    yerr=[0 if math.isnan(r[f"{metric} ci"]) else r[f"{metric} ci"] for r in members],
                     marker="o",
                     linestyle="-" if numeric else "none",
                     capsize=3,
                     label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)) or None,
                 )
-            reference = REFERENCE.get(metric)
-            fits = [r[reference] for r in rows if reference and not math.isnan(r[reference])]
-            if fits:  # the classical fit on the same test events, for scale
+            reference = f"{prefix}/fit_{name}"
+            fits = [r[reference] for r in rows if not math.isnan(r.get(reference, math.nan))]
+            if fits:  # the classical fit on the same muons, for scale
                 ax.axhline(float(np.mean(fits)), color="grey", linestyle="--", label="least-squares fit")
             ax.set_xlabel(x)
-            ax.set_ylabel(dict(METRICS)[metric])
+            ax.set_ylabel(dict(METRICS)[name])
             ax.grid(alpha=0.3)
             if others or fits:
                 ax.legend(fontsize=8)
-        fig.suptitle(f"test metrics against {x} (mean ± std over seeds)")
+        fig.suptitle(f"{prefix} metrics against {x} (mean, {CONFIDENCE:.0%} t-interval over seeds)")
         fig.tight_layout()
         path = out / f"compare_{x.replace('/', '_')}.png"
         fig.savefig(path, dpi=120)
@@ -302,24 +370,30 @@ def compare(
     experiment: str | None = None,
     filter_string: str = "",
     out: str | Path | None = None,
+    rank_by: str = RANK_BY,
 ) -> tuple[list[dict], Path]:
+    if not rank_by.startswith("validation/"):
+        raise UserError(
+            f"--rank-by {rank_by}: choices are made on validation/... metrics, never on test or held-out"
+        )
     client = connect(tracking_uri or default_tracking_uri())
     roots, runs = select_runs(client, parent, experiment, filter_string)
     if not runs:
         raise SystemExit("no runs match this selection")
     swept = varied(runs)
-    rows = table(runs, swept)
+    rows = table(runs, swept, rank_by)
     name = roots[0].info.run_id[:8] if roots else (experiment or "selection")
     out = Path(out) if out else project_root() / "reports" / f"compare-{name}"
     out.mkdir(parents=True, exist_ok=True)
     best = _best_line(best_run(runs), swept, len(runs))
     title = _title(roots, experiment or filter_string)
-    (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs), best))
+    prefixes = sets(runs)
+    (out / "compare.md").write_text(markdown(rows, swept, title, pt_bins(runs), best, prefixes, rank_by))
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, swept, out)
+    plot(rows, swept, out, "heldout" if "heldout" in prefixes else "test")
     if roots:  # the first sweep's: the others may keep a comparison of their own there
         client.log_artifacts(roots[0].info.run_id, str(out), "comparison")
     return rows, out
@@ -334,9 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", help="compare all runs of this experiment instead")
     parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"params.seed = '0'\"")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/compare-<parent>)")
+    parser.add_argument(
+        "--rank-by",
+        default=RANK_BY,
+        help=f"the validation metric rows are ranked and chosen by, lowest first (default {RANK_BY}), e.g. "
+        "validation/ratio_pt_resolution_pt100_200",
+    )
     args = parser.parse_args(argv)
     with exit_on_user_errors():
-        _, out = compare(args.tracking_uri, args.parent, args.experiment, args.filter, args.out)
+        _, out = compare(args.tracking_uri, args.parent, args.experiment, args.filter, args.out, args.rank_by)
     print((out / "compare.md").read_text())
     print(f"report: {out}")
 

@@ -200,6 +200,35 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.resume is not None and cfg.resume != "auto" and not Path(str(cfg.resume)).is_file():
         _fail("resume", cfg.resume, "must be null, auto or the path of a checkpoint file")
+    _validate_evaluation_sets(cfg)
+
+
+def _is_seed(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED
+
+
+def _validate_evaluation_sets(cfg: DictConfig) -> None:
+    """evaluation.validation and evaluation.heldout: their own events, never the training data's."""
+    seeds = {"data.simulation.seed": cfg.data.simulation.seed}
+    for name in ("validation", "heldout"):
+        block = cfg.evaluation[name]
+        key = f"evaluation.{name}"
+        if not isinstance(block.events, int) or block.events < 0:
+            _fail(f"{key}.events", block.events, "must be a number of events >= 0 (0: none)")
+        if not _is_seed(block.seed):
+            _fail(f"{key}.seed", block.seed, f"must be an integer from 0 to {MAX_SEED}")
+        if not block.events:
+            continue
+        if block.seed in seeds.values():
+            other = next(k for k, v in seeds.items() if v == block.seed)
+            _fail(f"{key}.seed", block.seed, f"is also {other}: the two would share their events")
+        seeds[f"{key}.seed"] = block.seed
+    heldout = cfg.evaluation.heldout
+    if heldout.alignment_seed is not None and not _is_seed(heldout.alignment_seed):
+        _fail("evaluation.heldout.alignment_seed", heldout.alignment_seed, "must be null or a seed >= 0")
+    shift = heldout.energy_loss_shift
+    if not isinstance(shift, (int, float)) or not -0.5 < shift < 0.5:
+        _fail("evaluation.heldout.energy_loss_shift", shift, "must be a relative shift between -0.5 and 0.5")
 
 
 def _check_columns_in_dataset(cfg: DictConfig, columns: list[str]) -> None:

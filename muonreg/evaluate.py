@@ -22,14 +22,21 @@ import mlflow
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from muonreg.config import is_hit_filter
+from muonreg.config import is_hit_filter, project_root
 from muonreg.errors import UserError, exit_on_user_errors
 from muonreg.evaluation.filter_evaluation import filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.tracking.store import default_tracking_uri
 from muonreg.trained import add_source_arguments, checkpoint_file, read_checkpoint
 from muonreg.training.device import allow_tf32, evaluation_dtype, resolve_device
-from muonreg.training.setup import build_data, build_loaders, build_model
+from muonreg.training.setup import (
+    EVALUATION_SETS,
+    build_data,
+    build_model,
+    eval_loader,
+    evaluation_sets,
+    set_evaluation,
+)
 
 MISSING_KEY = object()
 
@@ -45,7 +52,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint written by training; return (metrics, report directory)."""
     state, cfg = read_checkpoint(checkpoint)
-    cfg = with_overrides(cfg, overrides)
+    cfg = with_overrides(with_evaluation_sets(cfg), overrides)
     prefix = metric_prefix(split, hit_threshold, overrides)
     if hit_threshold is not None:
         if is_hit_filter(cfg) or not 0 < hit_threshold < 1:
@@ -59,18 +66,25 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     allow_tf32(dev, cfg.trainer.tf32)  # as the run's own evaluation had it
     model.to(dev)
-    loader = build_loaders(cfg, data, dev)[split]
+    if split in EVALUATION_SETS:
+        sets = {} if is_hit_filter(cfg) else evaluation_sets(cfg, data)
+        if split not in sets:
+            raise UserError(
+                f"--split {split}: this run has no {split} set (a hit filter, or not simulated data)"
+            )
+        dataset, evaluation = sets[split], set_evaluation(cfg, split)
+    else:
+        dataset, evaluation = data.datasets[split], cfg.evaluation
+    loader = eval_loader(cfg, dataset, dev)
     report = Path(out) if out else Path(checkpoint).resolve().parent.parent / f"evaluation-{prefix}"
-    evaluation = OmegaConf.merge(
-        cfg.evaluation, {"fit_reference": reference and cfg.evaluation.fit_reference}
-    )
+    evaluation = OmegaConf.merge(evaluation, {"fit_reference": reference and cfg.evaluation.fit_reference})
     if not reference:
         evaluation.assigned_fit_events = 0
     if is_hit_filter(cfg):
         metrics, text = filter_evaluation(
             model,
             loader,
-            data.datasets[split],
+            dataset,
             dev,
             evaluation_dtype(dev, cfg),
             list(cfg.model.working_points),
@@ -83,7 +97,7 @@ def evaluate_checkpoint(
     metrics, text = full_evaluation(
         model,
         loader,
-        data.datasets[split],
+        dataset,
         dev,
         evaluation_dtype(dev, cfg),
         evaluation,
@@ -93,6 +107,15 @@ def evaluate_checkpoint(
     )
     print(text)
     return metrics, report
+
+
+def with_evaluation_sets(cfg: DictConfig) -> DictConfig:
+    """The stored configuration, with conf/train.yaml's evaluation sets where the run predates them."""
+    defaults = OmegaConf.load(project_root() / "conf" / "train.yaml").evaluation
+    for name in EVALUATION_SETS:
+        if OmegaConf.select(cfg, f"evaluation.{name}") is None:
+            OmegaConf.update(cfg, f"evaluation.{name}", defaults[name], force_add=True)
+    return cfg
 
 
 def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -122,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "a checkpoint written by training (best.pt or last.pt)",
         "an MLflow run whose best checkpoint to evaluate; the report is logged to it",
     )
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test")
+    parser.add_argument("--split", choices=("train", "val", "test", *EVALUATION_SETS), default="test")
     parser.add_argument("--out", type=Path, help="report directory (default: beside the checkpoint)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the least-squares fit reference")

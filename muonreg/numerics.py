@@ -22,6 +22,12 @@ WEIGHT_FLOOR = 1e-12  # denominator floor of weighted means (weights are >= 0)
 COST_CEILING = 1e6  # a non-finite matching cost is replaced by this
 UNIT_FLOOR = 1e-12  # length floor before normalising a 2-vector (a direction from no hits)
 SOLVE_JITTER = 1e-9  # relative diagonal load of a normal-equation matrix before solving
+MEASUREMENT_SIGMA_FLOOR = (
+    1e-5  # m: a hit's resolution floor before 1/sigma^2 (no measurement is better than 10 um)
+)
+FINITE_DIFFERENCE_STEP = (
+    1e-6  # step of a forward-difference derivative in a track's parameters (rad, rad, 1/GeV)
+)
 
 
 def masked_mean(

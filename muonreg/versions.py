@@ -7,7 +7,8 @@ digest recorded below. Update both together.
 """
 
 SIMULATOR_VERSION = 3  # muonreg/detector.py, muonreg/data/simulate.py
-FIT_VERSION = 7  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes; 7: cores from muonreg.machine)
+FIT_VERSION = 8  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes; 7: cores from
+# muonreg.machine; 8: its numerical floors from muonreg.numerics, the same fits)
 
 SIMULATOR_DIGEST = "12a843c385c4be49"
-FIT_DIGEST = "dd01e41e460479b8"
+FIT_DIGEST = "b52461d857286e3b"

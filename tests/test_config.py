@@ -100,6 +100,25 @@ def test_top_level_keys_and_combinations():
         ("seed=4294967296", r"seed=4294967296 must be an integer"),
         ("pooling=[]", r"pooling selects no option \(e\.g\. pooling=\[\]\); choose one of \['all', "),
         ("data/features=[]", r"data/features selects no option"),
+        (
+            "evaluation.heldout.seed=12345",
+            r"evaluation\.heldout\.seed=12345 is also data\.simulation\.seed: the two would share their events",
+        ),
+        (
+            "evaluation.validation.events=-1",
+            r"evaluation\.validation\.events=-1 must be a number of events >= 0",
+        ),
+        ("evaluation.heldout.seed=1.5", r"evaluation\.heldout\.seed=1\.5 must be an integer"),
+        (
+            "evaluation.heldout.alignment_seed=-2",
+            r"evaluation\.heldout\.alignment_seed=-2 must be null or a seed",
+        ),
+        ("evaluation.heldout.alignment_seed=null", None),
+        (
+            "evaluation.heldout.energy_loss_shift=0.7",
+            r"energy_loss_shift=0\.7 must be a relative shift between",
+        ),
+        ("evaluation.heldout.energy_loss_shift=-0.03", None),
     ],
 )
 def test_invalid_values_name_their_key(override, message):
@@ -116,9 +135,26 @@ def test_data_path_must_be_a_dataset(tmp_path):
         validate(_compose(f"data.path={tmp_path}"))
 
 
-def test_feature_names_are_checked_against_a_real_dataset(reference_dataset):
-    path, _, _ = reference_dataset
-    validate(_compose(f"data.path={path}"))
+def test_feature_names_are_checked_against_a_real_dataset(tmp_path):
+    """A dataset without a stored column the features name fails at start, naming it; without it, it runs."""
+    hits, tracks = random_events(4)
+    stored = [c for c in HIT_FEATURES if c != "spacePoint_time"]
+    path = write_reference_dataset(tmp_path / "ds", hits, tracks, hit_columns=stored)
+    with pytest.raises(
+        ConfigError, match=r"data\.features\.columns=.*names \['spacePoint_time'\]; allowed: \["
+    ):
+        validate(_compose(f"data.path={path}"))
+    columns = [c for c in feature_names(_compose()) if c in stored]
+    validate(_compose(f"data.path={path}", f"data.features.columns=[{','.join(columns)}]"))
+
+
+def test_validation_and_heldout_sets_never_share_their_events():
+    cfg = _compose("evaluation.validation.events=100", "evaluation.validation.seed=34567")
+    with pytest.raises(
+        ConfigError, match=r"evaluation\.heldout\.seed=34567 is also evaluation\.validation\.seed"
+    ):
+        validate(cfg)
+    validate(_compose("evaluation.validation.seed=34567"))  # no validation events: the val split
 
 
 def test_a_dataset_without_a_feature_column_says_so_and_how_to_train_without_it(tmp_path):

@@ -17,6 +17,7 @@ from test_train_e2e import data_dir as data_dir  # the shared simulated-data fix
 
 from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
+from muonreg.evaluate import evaluate_checkpoint
 from muonreg.evaluate import main as evaluate_main
 from muonreg.evaluation.inference import infer
 from muonreg.reco.fit import fit_tracks
@@ -188,3 +189,21 @@ def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained)
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--set", "trainer.precison=bf16"])
     with pytest.raises(SystemExit, match=r"--set 'trainer.precision=\[bf16': the value is not valid YAML"):
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--set", "trainer.precision=[bf16"])
+
+
+def test_evaluating_the_heldout_set_again_gives_the_runs_own_figures_and_on_the_training_detector_others(
+    trained, tmp_path
+):
+    """`--split heldout` re-measures what the run logged; with `alignment_seed=null` the same held-out events
+    come from the training detector (what the other misalignment costs), under their own prefix."""
+    root, best, _ = trained
+    own = runs(root)[0].data.metrics
+    metrics, _ = evaluate_checkpoint(best, "heldout", tmp_path / "heldout")
+    for key in ("heldout/loss", "heldout/track_efficiency", "heldout/muons_pt5_10", "heldout/paired_muons"):
+        assert metrics[key] == own[key], key
+    training_detector, _ = evaluate_checkpoint(
+        best, "heldout", tmp_path / "aligned", overrides=["evaluation.heldout.alignment_seed=null"]
+    )
+    prefix = "heldout_evaluation.heldout.alignment_seed-null"
+    assert training_detector[f"{prefix}/muons_pt5_10"] == own["heldout/muons_pt5_10"]  # the same muons
+    assert training_detector[f"{prefix}/loss"] != own["heldout/loss"]  # seen by another detector

@@ -348,21 +348,37 @@ def test_anchored_head_starts_at_the_fit_estimate():
 
 
 def test_the_pull_loss_measures_only_the_curvature_in_units_of_its_expected_error():
+    """The loss divides the curvature's error by the scale the forward gives a unit correction (a pull),
+    over sqrt(pull_loss); the other fields keep their plain errors."""
     batch = _geometry_batch(seed=4)
     assert "track_regression_scale" not in make_model(pooling=["fit"])(batch)
-    model = make_model(pooling=["fit"], pull_loss=0.25)
+    model = make_model(pooling=["fit"], pull_loss=0.25).eval()
     _fit(model, batch)
     task = model.regression_task
+    anchor = model(batch)["track_regression"]  # the head starts at zero: the fit's estimate
+    with torch.no_grad():
+        task.head[-1].bias.fill_(1.0)  # a correction of one unit in every field
     out = model(batch)
-    weights, _ = task.assignment_weights(out["track_hit_logit"], batch["hit_valid"])
-    fit = task.fit(batch["hit_geometry"], weights * batch["hit_geometry_valid"].unsqueeze(1))
+    unit = out["track_regression"] - anchor  # what one unit of correction moves each field
     curvature = task.fields.index("truthMuon_pt")
     scale = out["track_regression_scale"]
-    expected = task._correction_scale(fit)[..., curvature] / 0.25**0.5  # squared pulls weighted 0.25
-    torch.testing.assert_close(scale[..., curvature], expected.to(scale.dtype))
+    torch.testing.assert_close(scale[..., curvature], unit[..., curvature] / 0.25**0.5, rtol=1e-4, atol=1e-5)
     others = [i for i in range(len(task.fields)) if i != curvature]
-    assert (scale[..., others] == 1).all() and (scale[..., curvature] > 0).all()
+    assert (scale[..., others] == 1).all() and (unit[..., curvature] > 1e-3).all()
     assert torch.isfinite(model.loss(out, batch)["loss"])
+
+
+def test_correction_scale_by_hand():
+    """The expected error of the fit's estimates, in units of each target's spread, at eta 0 and p = 10 GeV."""
+    task = WeightedPoolingObjectHitRegressionTask(
+        16, 6, ["truthMuon_qpt", "truthMuon_eta", "truthMuon_phi"], inverse_fields=[], pooling=["fit"]
+    )
+    task.space.std.copy_(torch.tensor([0.05, 1.0, 2.0]))
+    fit = {k: torch.tensor([[v]]) for k, v in (("eta", 0.0), ("p", 10.0), ("qp_sigma", 0.003), ("qpt", 0.1))}
+    scale = task._correction_scale(fit)[0, 0]
+    # q/pT: sqrt(0.003^2 + (0.3 / 10^2)^2) = 0.0042426, over 0.05; eta: sqrt(0.002^2 + (0.15 / 10)^2) = 0.0151327;
+    # phi: sqrt(0.0151327^2 + (0.36 * 0.0042426)^2) = 0.0152092, over 2
+    torch.testing.assert_close(scale, torch.tensor([0.084853, 0.0151327, 0.0076046]), rtol=1e-4, atol=0)
 
 
 def test_local_coordinates_need_the_fit():
@@ -370,23 +386,31 @@ def test_local_coordinates_need_the_fit():
         WeightedPoolingObjectHitRegressionTask(16, 6, FIELDS, pooling=["mean"], local=True)
 
 
-def test_oracle_regression_uses_the_truth_assignment():
+def test_oracle_regression_is_the_networks_regression_on_the_truth_assignment():
+    """Two paths agree: the oracle, and the network's own regression (from hit logits, as in forward) given
+    logits that say exactly the truth. Dropping one truth hit of one muon moves that muon's oracle only."""
     batch = _geometry_batch(seed=3)
     model = make_model(pooling=["mean", "fit"]).eval()
     _fit(model, batch)
     out = model(batch)
     aligned = model.align(out, model.match(out, batch))
     oracle = model.oracle_regression(aligned, batch)
-    direct = model.regression_task(
-        query=aligned["query_embed"],
-        hit_probability=model.truth(batch)["particle_hit_valid"].float(),
-        **model._regression_inputs(
-            batch, out["hit_embed"], model.input_norm(batch["hit_x"], batch["hit_x_valid"])
-        ),
+    truth = model.truth(batch)["particle_hit_valid"]
+    inputs = model._regression_inputs(
+        batch, out["hit_embed"], model.input_norm(batch["hit_x"], batch["hit_x_valid"])
     )
-    torch.testing.assert_close(
-        oracle["track_truthMuon_eta"], model.regression_task.predict(direct)["track_truthMuon_eta"]
+    perfect = model.regression_task(
+        query=aligned["query_embed"], hit_logit=torch.where(truth, 50.0, -50.0), **inputs
     )
+    network = model.regression_task.predict(perfect)
+    for field in FIELDS:
+        torch.testing.assert_close(oracle[f"track_{field}"], network[f"track_{field}"], rtol=1e-5, atol=1e-5)
+    b, j = (batch["particle_hit_valid"].sum(-1) >= 3).nonzero()[0].tolist()
+    fewer = {**batch, "particle_hit_valid": batch["particle_hit_valid"].clone()}
+    fewer["particle_hit_valid"][b, j, fewer["particle_hit_valid"][b, j].nonzero()[0]] = False
+    moved = model.oracle_regression(aligned, fewer)["track_truthMuon_eta"]
+    changed = moved != oracle["track_truthMuon_eta"]
+    assert changed[b, j] and changed.sum() == 1
 
 
 def test_input_standardisation_is_fitted_and_saved():

@@ -85,6 +85,7 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
     output = result.stdout + result.stderr
     summary = result.stdout[result.stdout.rindex("test split, ") :]
     assert "core ratio" in summary and "tracking: efficiency" in summary and "resolution.md" in summary
+    assert "held-out detector, 200 events (seed 34567, alignment seed 45678" in summary
     assert summary.rstrip().endswith(
         f"MLflow run {run.info.run_id}: `make ui` and open http://127.0.0.1:5000"
     )
@@ -98,10 +99,40 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path, data_dir):
     metrics = run.data.metrics
     for key in ("train/loss", "val/loss", "test/loss", "val/track_efficiency", "health/nonfinite_steps"):
         assert key in metrics and math.isfinite(metrics[key]), key
+    # the chosen checkpoint on the validation split (debug=smoke: no validation set) and the held-out set
+    for prefix in ("validation", "heldout", "test"):
+        assert metrics[f"{prefix}/loss"] > 0 and f"{prefix}/paired_muons_pt5_10" in metrics, prefix
+    assert (
+        sum(metrics[f"heldout/muons_{b}"] for b in ("pt5_10", "pt10_20", "pt20_50", "pt50_100", "pt100_200"))
+        > 200
+    )
+    assert run.data.tags["torch_threads"] == "1"
     artifacts = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id)}
     assert {".hydra", "checkpoints", "config"} <= artifacts
+    reports = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id, "evaluation/heldout")}
+    assert {"evaluation/heldout/resolution.md", "evaluation/heldout/ratio_vs_pt.png"} <= reports
     best = client(tmp_path).download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
     assert "model" in torch.load(best, weights_only=False)
+
+
+def test_two_runs_of_one_configuration_give_identical_metrics(tmp_path, data_dir):
+    """What a CPU run promises (README, "Reproducibility"): the same seed, settings, data, torch build and
+    number of intra-op threads give the same network, hence the same metrics to the last bit."""
+    for name in ("a", "b"):
+        run_train(tmp_path / name, data_dir, "seed=5")
+    (a,), (b,) = runs(tmp_path / "a"), runs(tmp_path / "b")
+    measured = [
+        k for k in a.data.metrics if "events_per_s" not in k
+    ]  # wall-clock speeds differ, nothing else
+    assert len(measured) > 100 and sorted(measured) == sorted(
+        k for k in b.data.metrics if "events_per_s" not in k
+    )
+    assert {k: a.data.metrics[k] for k in measured} == {k: b.data.metrics[k] for k in measured}
+    history = [
+        client(tmp_path / n).get_metric_history(r.info.run_id, "train/step_loss")
+        for n, r in (("a", a), ("b", b))
+    ]
+    assert [m.value for m in history[0]] == [m.value for m in history[1]] and len(history[0]) > 3
 
 
 def test_a_bf16_run_on_the_cpu_finishes_with_finite_physics(tmp_path, data_dir):

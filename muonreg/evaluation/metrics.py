@@ -8,7 +8,8 @@ Definitions. A truth muon is *reconstructed* when its matched query is predicted
 shares at least half of its hits both ways (hit efficiency >= 0.5 and purity >= 0.5), the usual
 double-matching criterion. Fake rate: predicted tracks that reconstruct no muon / predicted
 tracks. Resolutions use reconstructed muons only; the core width of a residual is half the
-16-84 % interval (the 68 % core), robust to the tails that RMS also reports.
+16-84 % interval (the 68 % core), robust to the tails that RMS also reports. Its error is a
+bootstrap's (`core_width_err`): the Gaussian formula core / sqrt(2n) understates a quantile width's.
 """
 
 from __future__ import annotations
@@ -20,14 +21,35 @@ import numpy as np
 import torch
 
 FIELDS = ("pt", "eta", "phi", "q")
+CORE = (15.865, 84.135)  # percentiles bounding the central 68.27 % (one Gaussian sigma either side)
+BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_SEED = 0  # fixed: the same evaluation gives the same errors
 
 
 def core_width(x: np.ndarray) -> float:
     """Half-width of the central 68 % interval; NaN for an empty sample."""
     if len(x) == 0:
         return float("nan")
-    lo, hi = np.percentile(x, [15.865, 84.135])
+    lo, hi = np.percentile(x, CORE)
     return float((hi - lo) / 2)
+
+
+def bootstrap_indices(n: int) -> np.ndarray:
+    """[BOOTSTRAP_RESAMPLES, n] indices of resamples with replacement (fixed seed)."""
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, n, (BOOTSTRAP_RESAMPLES, n))
+
+
+def core_widths(samples: np.ndarray) -> np.ndarray:
+    """core_width of each row of `samples` [k, n]."""
+    lo, hi = np.percentile(samples, CORE, axis=-1)
+    return (hi - lo) / 2
+
+
+def core_width_err(x: np.ndarray) -> float:
+    """Bootstrap standard error of core_width(x); NaN below two values."""
+    if len(x) < 2:
+        return float("nan")
+    return float(np.std(core_widths(x[bootstrap_indices(len(x))]), ddof=1))
 
 
 def rms(x: np.ndarray) -> float:
@@ -42,8 +64,10 @@ def wrap_angle(x: np.ndarray) -> np.ndarray:
 class TrackRecords:
     """Per-muon rows and per-prediction counts accumulated over an evaluation.
 
-    With `keep_hits`, each muon's row also remembers its event and the hits its matched track was
-    given (a bool mask over the event's hits), for fitting the network's own hit lists.
+    Each row names its muon: `event` (dataset index) and `slot` (the muon's place in the event), so
+    other methods' rows of the same muons can be lined up with it. With `keep_hits`, each row also
+    remembers the hits its matched track was given (a bool mask over the event's hits), for fitting
+    the network's own hit lists.
     """
 
     def __init__(self, keep_hits: bool = False) -> None:
@@ -72,6 +96,8 @@ class TrackRecords:
         self.predicted_fake += int(all_pred_valid.sum()) - int(reco.sum())
         sel = truth_valid
         columns = {
+            "event": batch["event_index"].unsqueeze(1).expand_as(sel),
+            "slot": torch.arange(n_slots, device=sel.device).expand_as(sel),
             "reco": reco,
             "pred_valid": pred_valid,
             "hit_eff": hit_eff,
@@ -80,7 +106,6 @@ class TrackRecords:
             **{f"pred_{f}": preds[f"track_truthMuon_{f}"][:, :n_slots] for f in FIELDS},
         }
         if self.keep_hits:
-            columns["event"] = batch["event_index"].unsqueeze(1).expand_as(sel)
             counts = batch["hit_valid"].sum(-1).tolist()
             masks = pred_hits.cpu().numpy()
             for b, j in sel.nonzero().tolist():
@@ -117,14 +142,13 @@ def resolution_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
     res = residuals(rows)
     n_reco = len(res["pt_rel"])
     efficiency = _mean(rows["reco"].astype(float))
-    core = core_width(res["pt_rel"])
     return {
         "muons": float(n),
+        "measured": float(n_reco),
         "track_efficiency": efficiency,
-        # binomial error, and the Gaussian-approximation error of a width estimated from n values
         "track_efficiency_err": float(np.sqrt(efficiency * (1 - efficiency) / n)) if n else float("nan"),
-        "pt_resolution": core,
-        "pt_resolution_err": float(core / np.sqrt(2 * n_reco)) if n_reco else float("nan"),
+        "pt_resolution": core_width(res["pt_rel"]),
+        "pt_resolution_err": core_width_err(res["pt_rel"]),
         "pt_resolution_rms": rms(res["pt_rel"]),
         "pt_bias": float(np.median(res["pt_rel"])) if n_reco else float("nan"),
         "qpt_resolution": core_width(res["qpt_rel"]),
@@ -152,7 +176,7 @@ def summarise(records: TrackRecords) -> dict[str, float]:
     # without any muon every metric is there, NaN: what a run monitors must not depend on the batch
     matched = rows["pred_valid"].astype(bool)
     metrics = resolution_metrics(rows)
-    for key in ("muons", "track_efficiency_err", "pt_resolution_err"):
+    for key in ("muons", "measured", "track_efficiency_err", "pt_resolution_err"):
         metrics.pop(key)
     return {
         **metrics,
@@ -166,6 +190,8 @@ def fit_rows(fit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows in TrackRecords' layout from a least-squares fit of truth hits (muonreg.reco.fit.fit_events)."""
     ok = fit["ok"].astype(bool)
     return {
+        "event": fit["event"],
+        "slot": fit["track"],
         "reco": ok,
         "pred_valid": ok,
         "hit_eff": np.ones(len(ok)),

@@ -18,6 +18,8 @@ STYLE = {
     "least-squares fit": {"color": "C3", "marker": "s"},
     "fit of assigned hits": {"color": "C1", "marker": "v"},
     "robust fit of assigned hits": {"color": "C4", "marker": "D"},
+    "same muons": {"color": "C0", "marker": "o"},  # the network over the fit (evaluation.same_muons)
+    "lost muons as failures": {"color": "C5", "marker": "x"},
 }
 RESIDUALS = (
     ("pt_rel", r"$(p_T^{pred} - p_T^{true}) / p_T^{true}$", (-0.5, 0.5)),

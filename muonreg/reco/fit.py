@@ -25,6 +25,7 @@ import numpy as np
 from muonreg import detector as det
 from muonreg.data.schema import Technology
 from muonreg.machine import usable_cores
+from muonreg.numerics import FINITE_DIFFERENCE_STEP, safe_inverse
 from muonreg.reco.energy_loss import expected_loss
 
 BARREL_STATIONS = {s.index for s in det.STATIONS if s.barrel}
@@ -32,7 +33,6 @@ LAYERS_PER_MULTILAYER = {s.index: s.tube_layers for s in det.STATIONS}
 START = det.CALO_RADIUS  # the fit's tracks start where the calorimeter scattering happened
 STEPS = int((det.MAX_PATH - START) / det.STEP)
 WIRE_SIGMA = det.TUBE_RADIUS / np.sqrt(3)  # first pass: a tube hit as its wire, spread over the tube
-FD_STEPS = np.array([1e-6, 1e-6, 1e-6])  # finite-difference steps for (psi, alpha, q/p)
 MIN_HITS = 4  # three parameters and at least one degree of freedom
 MIN_TRACKS_PER_WORKER = 500  # ~4 s of fitting: more than a worker costs to start
 # Outlier rejection (robust=True): normalised-residual cuts of successive iterations, loosest first.
@@ -209,7 +209,8 @@ def _gauss_newton(
             res, _ = _residuals(params, m, current)
         jac = np.stack(
             [
-                (_residuals(params + np.eye(3)[k] * FD_STEPS[k], m, current)[0] - res) / FD_STEPS[k]
+                (_residuals(params + np.eye(3)[k] * FINITE_DIFFERENCE_STEP, m, current)[0] - res)
+                / FINITE_DIFFERENCE_STEP
                 for k in range(3)
             ],
             -1,
@@ -300,7 +301,7 @@ def _fit_batch(tracks: list[np.ndarray], index: dict[str, int], robust: bool) ->
     ndf = used - 3
     _, alpha, qp = params.T
     q = np.where(qp * m.side >= 0, 1.0, -1.0)
-    p_ms = 1.0 / np.maximum(np.abs(qp), 1e-6)
+    p_ms = safe_inverse(np.abs(qp))
     eta = np.arcsinh(np.tan(alpha)) * m.side
     pt = (p_ms + expected_loss(p_ms, eta)) / np.cosh(eta)
     phi = np.angle(np.exp(1j * (m.phi + q * det.SOLENOID_PHI_KICK / pt)))

@@ -35,14 +35,13 @@ from torch import nn
 
 from muonreg import detector as det
 from muonreg.data.geometry import G
-from muonreg.numerics import safe_inverse, safe_unit, weighted_average
+from muonreg.numerics import MEASUREMENT_SIGMA_FLOOR, safe_inverse, safe_unit, weighted_average
 from muonreg.reco.energy_loss import TABLE as ENERGY_LOSS_TABLE
 from muonreg.tasks import portable
 
 WIRE_SIGMA = det.TUBE_RADIUS / math.sqrt(3) * 1e-3  # m: a tube as its wire, the track anywhere inside
 MDT_PHI_WEIGHT = 1e-3  # tubes only give the sector's direction: they count for phi only without strips
 PHI_WINDOW = 0.05  # rad: strips further from the track's phi count less for it
-SIGMA_FLOOR = 1e-5  # m: no measurement is better than 10 um
 PRIOR_SIGMA = (10.0, 10.0, 1.0)  # (a [m], b, c [1/GeV]): wide, only keeps a fit of < 3 hits regular
 OUT_OF_SECTOR = math.cos(det.SECTOR_WIDTH)  # a hit further from the track plane than this is not its hit
 STEEPEST = 1.5  # rad from the transverse plane (|eta| 3.3, beyond the spectrometer's 2.7): tan stays finite
@@ -127,7 +126,7 @@ class TrackFit(nn.Module):
         # precision of each measurement across the line: drift circles across the track already,
         # z of a barrel strip tilts by cos(lambda0), the radius of an endcap strip by sin(lambda0)
         strip_sigma = col["sigma"] * torch.where(barrel > 0, cos0, sin0).abs()
-        sigma = torch.where(mdt > 0, col["sigma"], strip_sigma).clamp(min=SIGMA_FLOOR)
+        sigma = torch.where(mdt > 0, col["sigma"], strip_sigma).clamp(min=MEASUREMENT_SIGMA_FLOOR)
         # 3-4. iterated weighted least squares; the basis is centred for conditioning
         t_mean, d_mean = weighted_average(w, t), weighted_average(w, deflection)
         basis = torch.stack([torch.ones_like(t), t - t_mean, deflection - d_mean], -1)  # [b, n, m, 3]

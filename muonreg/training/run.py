@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,16 @@ from muonreg.training.interrupts import Interrupts
 from muonreg.training.loop import Trainer
 from muonreg.training.optim import build_optimizer, build_scheduler
 from muonreg.training.rundir import RunDir, find_resumable, resume_target
-from muonreg.training.setup import RunData, build_data, build_loaders, build_model, fit_normalizations
+from muonreg.training.setup import (
+    RunData,
+    build_data,
+    build_loaders,
+    build_model,
+    eval_loader,
+    evaluation_sets,
+    fit_normalizations,
+    set_evaluation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +226,10 @@ def _train_and_test(
     if world.size > 1:
         seed_everything(world.rank_seed(cfg.seed))  # but each rank its own random numbers
     if sink is not None:
-        sink.set_tags({"dataset": str(data.path), "device": str(device)})
+        # the intra-op thread count changes float summation order, hence the trained network (README)
+        sink.set_tags(
+            {"dataset": str(data.path), "device": str(device), "torch_threads": str(torch.get_num_threads())}
+        )
 
     loaders = build_loaders(cfg, data, device, world.rank, world.size)
     steps = len(loaders["train"].batch_sampler)
@@ -289,47 +301,117 @@ def _train_and_test(
             log.info(
                 "working points' cuts, set on the validation split and stored in %s: %s", best_path, cuts
             )
-    test = data.datasets["test"]
-    message = None
-    if len(test) and is_hit_filter(cfg):
-        test_metrics, text = filter_evaluation(
-            trainer.model,
-            loaders["test"],
-            test,
-            device,
-            evaluation_dtype(device, cfg),
-            list(cfg.model.working_points),
-            list(cfg.evaluation.eta_bins),
-            out / "evaluation",
-        )
-        log_metrics(test_metrics, trainer.state.epoch)
-        message = f"test split:\n{text}\nreport: {out / 'evaluation' / 'hit_filter.md'}"
-    elif len(test):
-        test_metrics, text = full_evaluation(
-            trainer.model,
-            loaders["test"],
-            test,
-            device,
-            evaluation_dtype(device, cfg),
-            cfg.evaluation,
-            cfg.paths.data,
-            out / "evaluation",
-        )
-        log_metrics(test_metrics, trainer.state.epoch)
-        message = (
-            f"test split, {len(test)} events:\n{text}\ntracking: efficiency "
-            f"{test_metrics['test/track_efficiency']:.3f}, fake rate {test_metrics['test/fake_rate']:.3f}, "
-            f"hit efficiency {test_metrics['test/hit_efficiency']:.3f}, hit purity "
-            f"{test_metrics['test/hit_purity']:.3f}\nreport: {out / 'evaluation' / 'resolution.md'}"
-        )
+    dtype = evaluation_dtype(device, cfg)
+    evaluate_sets = _evaluate_filter if is_hit_filter(cfg) else _evaluate_tracker
+    message = evaluate_sets(cfg, trainer, data, loaders["test"], device, dtype, out, log_metrics)
     try:
         if sink is not None:
             _log_artifacts(cfg, out, best_path, sink, data)
     finally:  # last, after the artifacts' logging, and shown even when that fails: what a newcomer reads
-        if message is not None:
+        if message:
             ui = f"\nMLflow run {sink.run_id}: `make ui` and open http://127.0.0.1:5000" if sink else ""
             log.info("%s%s", message, ui)
     return best
+
+
+def _evaluate_filter(
+    cfg: DictConfig,
+    trainer: Trainer,
+    data: RunData,
+    test_loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    out: Path,
+    log_metrics: Callable[[dict[str, float], int], None],
+) -> str:
+    """The hit filter at its stored cuts on the test split (test/...) and the held-out set
+    (heldout/...), each logged and reported; return the readable summary."""
+    sets = {"test": (data.datasets["test"], test_loader, out / "evaluation")}
+    heldout = evaluation_sets(cfg, data, progress=False).get("heldout")
+    if heldout is not None:
+        sets["heldout"] = (heldout, eval_loader(cfg, heldout, device), out / "evaluation" / "heldout")
+    lines = []
+    for name, (dataset, loader, report) in sets.items():
+        if not len(dataset):
+            continue
+        metrics, text = filter_evaluation(
+            trainer.model,
+            loader,
+            dataset,
+            device,
+            dtype,
+            list(cfg.model.working_points),
+            list(cfg.evaluation.eta_bins),
+            report,
+            prefix=name,
+        )
+        log_metrics(metrics, trainer.state.epoch)
+        lines += [
+            f"{'test split' if name == 'test' else 'held-out detector'}:",
+            text,
+            f"report: {report / 'hit_filter.md'}",
+        ]
+    return "\n".join(lines)
+
+
+def _evaluate_tracker(
+    cfg: DictConfig,
+    trainer: Trainer,
+    data: RunData,
+    test_loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    out: Path,
+    log_metrics: Callable[[dict[str, float], int], None],
+) -> str:
+    """The chosen checkpoint on the test split (test/...), the validation set (validation/...) and the
+    held-out set (heldout/...), each logged and reported; return the readable summary."""
+    lines, reports = [], []
+    test = data.datasets["test"]
+    if len(test):
+        metrics, text = full_evaluation(
+            trainer.model,
+            test_loader,
+            test,
+            device,
+            dtype,
+            cfg.evaluation,
+            cfg.paths.data,
+            out / "evaluation",
+        )
+        log_metrics(metrics, trainer.state.epoch)
+        lines += [
+            f"test split, {len(test)} events:",
+            text,
+            f"tracking: efficiency {metrics['test/track_efficiency']:.3f}, fake rate "
+            f"{metrics['test/fake_rate']:.3f}, hit efficiency {metrics['test/hit_efficiency']:.3f}, "
+            f"hit purity {metrics['test/hit_purity']:.3f}",
+        ]
+        reports.append(out / "evaluation" / "resolution.md")
+    for name, dataset in evaluation_sets(cfg, data, progress=False).items():
+        metrics, text = full_evaluation(
+            trainer.model,
+            eval_loader(cfg, dataset, device),
+            dataset,
+            device,
+            dtype,
+            set_evaluation(cfg, name),
+            cfg.paths.data,
+            out / "evaluation" / name,
+            prefix=name,
+        )
+        log_metrics(metrics, trainer.state.epoch)
+        if name == "heldout":
+            h = cfg.evaluation.heldout
+            lines += [
+                f"held-out detector, {len(dataset)} events (seed {h.seed}, alignment seed {h.alignment_seed}, "
+                f"energy-loss shift {h.energy_loss_shift:+g}):",
+                text,
+                f"tracking: efficiency {metrics['heldout/track_efficiency']:.3f}, hit purity "
+                f"{metrics['heldout/hit_purity']:.3f}",
+            ]
+            reports.append(out / "evaluation" / name / "resolution.md")
+    return "\n".join([*lines, "report: " + ", ".join(map(str, reports))])
 
 
 def _log_artifacts(cfg: DictConfig, out: Path, best_path: Path, sink: TrackingSink, data: RunData) -> None:

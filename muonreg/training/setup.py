@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,12 @@ from muonreg.tasks import (
 )
 from muonreg.tasks.refine import FitRefinedAssignment
 
+log = logging.getLogger(__name__)
+
 # Evaluation always needs the physical parameters, whatever the regression targets are.
 EVAL_TARGETS = [f"truthMuon_{f}" for f in FIELDS]
+# The separately simulated sets a tracker's run ends on, beside its test split (DESIGN section 8).
+EVALUATION_SETS = ("validation", "heldout")
 
 
 NORMALIZATION_HITS = 500_000  # hits that input standardisation is fitted on, at most
@@ -93,15 +99,22 @@ class RunData:
     datasets: dict[str, MuonEventDataset]
 
 
+def _targets(cfg: DictConfig) -> list[str]:
+    return list(dict.fromkeys([*cfg.inverse_fields.targets, *EVAL_TARGETS]))
+
+
+def _reader(cfg: DictConfig, path: Path) -> DatasetReader:
+    return DatasetReader(path, required_track_features=[t for t in _targets(cfg) if t != QPT])
+
+
 def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
     path = dataset_path(cfg, progress=progress)
-    targets = list(dict.fromkeys([*cfg.inverse_fields.targets, *EVAL_TARGETS]))
-    reader = DatasetReader(path, required_track_features=[t for t in targets if t != QPT])
+    reader = _reader(cfg, path)
     features = hit_features(cfg, reader.hit_features, f"dataset {path}")
     splits = run_splits(cfg, len(reader))
     n = used_events(cfg, len(reader))
     datasets = {
-        name: MuonEventDataset(reader, features, targets, cfg.data.max_particles, indices=idx)
+        name: MuonEventDataset(reader, features, _targets(cfg), cfg.data.max_particles, indices=idx)
         for name, idx in splits.items()
     }
     for name, ds in datasets.items():
@@ -111,6 +124,54 @@ def build_data(cfg: DictConfig, progress: bool = True) -> RunData:
             )
     check_truth(reader, splits, cfg.data.max_particles)
     return RunData(path, features, datasets)
+
+
+def simulated_set_path(cfg: DictConfig, name: str, progress: bool = True) -> Path:
+    """The cached dataset of `evaluation.<name>` (validation, heldout): the training data's simulation
+    (its pile-up too) with its own events and seed, on the training detector unless `alignment_seed` draws another
+    misalignment, with the calorimeter loss shifted by `energy_loss_shift` (relative, on its most
+    probable value and width)."""
+    run, config = simulation_settings(cfg.data.simulation)
+    block = cfg.evaluation[name]
+    training_detector = run["seed"] if config.alignment_seed is None else config.alignment_seed
+    alignment = block.get("alignment_seed")
+    shift = 1.0 + float(block.get("energy_loss_shift", 0.0))
+    config = dataclasses.replace(
+        config,
+        alignment_seed=training_detector if alignment is None else int(alignment),
+        energy_loss_mpv=config.energy_loss_mpv * shift,
+        energy_loss_width=config.energy_loss_width * shift,
+    )
+    return ensure_simulated(
+        cfg.paths.data, int(block.events), int(block.seed), 1, config, run["pileup"], progress=progress
+    )
+
+
+def evaluation_sets(cfg: DictConfig, data: RunData, progress: bool = True) -> dict[str, MuonEventDataset]:
+    """The sets a run is evaluated on after its test split: `validation` (a separately simulated
+    set of the training detector, for choices between runs; with `evaluation.validation.events=0`, or
+    on a `data.path` dataset, the val split) and `heldout` (another seed and another detector state, for
+    the headline figures; only for simulated training data, none with `events=0`)."""
+    sets = {}
+    for name in EVALUATION_SETS:
+        if cfg.data.path is None and cfg.evaluation[name].events:
+            reader = _reader(cfg, simulated_set_path(cfg, name, progress))
+            check_truth(reader, {name: np.arange(len(reader))})
+            sets[name] = MuonEventDataset(reader, data.features, _targets(cfg), cfg.data.max_particles)
+        elif name == "validation":
+            sets[name] = data.datasets["val"]
+        elif cfg.data.path is None:
+            log.info("no held-out set: evaluation.heldout.events=0")
+        else:
+            log.info("no held-out set: it is simulated, and this run trains on data.path")
+    return sets
+
+
+def set_evaluation(cfg: DictConfig, name: str) -> DictConfig:
+    """The evaluation settings of a set: no event displays (the test split has them), and no fits of
+    the assigned hits on the validation set (diagnostics, not choices)."""
+    changes = {"displays": 0, **({"assigned_fit_events": 0} if name == "validation" else {})}
+    return OmegaConf.merge(cfg.evaluation, changes)
 
 
 LOADER_WORKERS = 2  # DataLoader processes where the machine has cores beside torch's compute threads
@@ -125,30 +186,36 @@ def loader_workers(setting: int | str) -> int:
     return 0 if usable_cores() <= 2 else LOADER_WORKERS
 
 
+def _loader_options(cfg: DictConfig, device: torch.device) -> dict:
+    tr = cfg.trainer
+    return {
+        "num_workers": loader_workers(tr.num_workers),
+        "pin_memory": device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory),
+        "bucket_by_hits": cfg.data.bucket_by_hits,
+    }
+
+
+def eval_loader(
+    cfg: DictConfig, dataset: MuonEventDataset, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """The loader of an evaluated split or set: every event once, in a fixed order."""
+    return make_loader(dataset, cfg.trainer.eval_batch_size, shuffle=False, **_loader_options(cfg, device))
+
+
 def build_loaders(
     cfg: DictConfig, data: RunData, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> dict[str, torch.utils.data.DataLoader]:
-    tr = cfg.trainer
-    pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
-    common = {
-        "num_workers": loader_workers(tr.num_workers),
-        "pin_memory": pin,
-        "bucket_by_hits": cfg.data.bucket_by_hits,
-    }
     return {
         "train": make_loader(
             data.datasets["train"],
-            tr.batch_size,
+            cfg.trainer.batch_size,
             shuffle=True,
             seed=cfg.seed,
             rank=rank,
             world_size=world_size,
-            **common,
+            **_loader_options(cfg, device),
         ),
-        **{
-            split: make_loader(data.datasets[split], tr.eval_batch_size, shuffle=False, **common)
-            for split in ("val", "test")
-        },
+        **{split: eval_loader(cfg, data.datasets[split], device) for split in ("val", "test")},
     }
 
 
