@@ -22,6 +22,7 @@ WEIGHT_FLOOR = 1e-12  # denominator floor of weighted means (weights are >= 0)
 COST_CEILING = 1e6  # a non-finite matching cost is replaced by this
 UNIT_FLOOR = 1e-12  # length floor before normalising a 2-vector (a direction from no hits)
 SOLVE_JITTER = 1e-9  # relative diagonal load of a normal-equation matrix before solving
+LOG_SIGMA_RANGE = (-27.6, 13.8)  # log of an uncertainty: e^-27.6 = 1e-12 to e^13.8 = 1e6, never 0 or inf
 
 
 def masked_mean(
@@ -108,6 +109,11 @@ def safe_inverse(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 def safe_log(p: torch.Tensor) -> torch.Tensor:
     """log of a probability clamped away from 0 (seeds/nan-kl-log-zero.md)."""
     return torch.log(p.clamp(min=LOG_MIN))
+
+
+def sigma_from_log(log_sigma: torch.Tensor) -> torch.Tensor:
+    """exp of a log-uncertainty clamped to LOG_SIGMA_RANGE: a pull never divides by 0, a sigma is never inf."""
+    return torch.exp(log_sigma.clamp(*LOG_SIGMA_RANGE))
 
 
 def bce_with_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

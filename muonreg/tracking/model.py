@@ -8,8 +8,9 @@ columns in the training dataset's order (the model's metadata `hit_columns`; the
 20 by default), NaN-padded past each event's hits, and `num_hits` int64 [B]. Everything after that
 (feature scaling and derived features, missing-value masks, the fit's geometry, standardisation,
 target decoding) is inside. Output, per event and query: `valid_probability` [B, Q],
-`hit_probability` [B, Q, M] (0 past the event's hits), and `eta`, `phi`, `pt` (GeV), `q` [B, Q],
-as `muonreg.predict` writes them. The model is the run's weights and config only (a slim copy of
+`hit_probability` [B, Q, M] (0 past the event's hits), `eta`, `phi`, `pt` (GeV), `q` [B, Q] and
+their per-track uncertainties `sigma_qpt` (1/GeV), `sigma_eta`, `sigma_phi` (rad) [B, Q], as
+`muonreg.predict` writes them. The model is the run's weights and config only (a slim copy of
 best.pt, no optimiser state) and needs muonreg installed where it is loaded.
 """
 
@@ -30,7 +31,7 @@ from mlflow.types import Schema, TensorSpec
 from muonreg.data.dataset import collate
 from muonreg.data.features import HitFeatures
 from muonreg.data.geometry import HitGeometry
-from muonreg.evaluation.inference import infer
+from muonreg.evaluation.inference import SIGMAS, infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import MaskFormer
 from muonreg.tracking.store import no_progress_bars
@@ -38,7 +39,7 @@ from muonreg.trained import load_model, read_checkpoint
 from muonreg.training.setup import hit_features
 
 ARTIFACT = "model"  # runs:/<id>/model
-OUTPUTS = ("valid_probability", "hit_probability", *FIELDS)
+OUTPUTS = ("valid_probability", "hit_probability", *FIELDS, *SIGMAS)
 
 
 class TrackerModel(mlflow.pyfunc.PythonModel):

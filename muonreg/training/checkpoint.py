@@ -60,3 +60,11 @@ def save_checkpoint(path: Path, state: dict[str, Any], sidecar: dict[str, Any]) 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # Our own files: they carry numpy RNG state, so the full unpickler is needed.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def replace_model(path: Path, model_state: dict[str, Any]) -> None:
+    """Rewrite the checkpoint at `path` with other model weights and buffers (a calibration fitted
+    after training), everything else and its sidecar as they were."""
+    state = load_checkpoint(path)
+    state["model"] = model_state
+    save_checkpoint(path, state, json.loads(path.with_name(path.name + ".json").read_text()))

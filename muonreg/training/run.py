@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError, flatten, is_hit_filter, validate
+from muonreg.evaluation.calibration import calibrate_uncertainty
 from muonreg.evaluation.filter_evaluation import evaluate_filter, filter_evaluation
 from muonreg.evaluation.full import full_evaluation
 from muonreg.evaluation.inference import evaluate
@@ -25,7 +26,7 @@ from muonreg.tracking.runs import job_run, tracking_uri
 from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import connect, warn_if_shared_sqlite
 from muonreg.training import distributed
-from muonreg.training.checkpoint import config_hash, load_checkpoint
+from muonreg.training.checkpoint import config_hash, load_checkpoint, replace_model
 from muonreg.training.device import (
     allow_tf32,
     autocast_dtype,
@@ -276,6 +277,13 @@ def _train_and_test(
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
+    if not is_hit_filter(cfg):  # the per-track uncertainties, on validation; the checkpoint keeps them
+        calibration = calibrate_uncertainty(
+            trainer.model, loaders["val"], device, evaluation_dtype(device, cfg)
+        )
+        if calibration and best_path.is_file():
+            replace_model(best_path, trainer.core.state_dict())
+        log_metrics(calibration, trainer.state.epoch)
     test = data.datasets["test"]
     message = None
     if len(test) and is_hit_filter(cfg):
