@@ -10,10 +10,11 @@ import pytest
 import torch
 from test_tasks import _geometry_batch
 
+from muonreg import detector as det
 from muonreg.evaluation.calibration import fit_correction
 from muonreg.evaluation.metrics import binned, core_width
 from muonreg.evaluation.pulls import PULL_WIDTH_ERROR, has_pulls, pull_metrics, pulls
-from muonreg.tasks.uncertainty import PT_EDGES, TrackUncertainty, hat_basis
+from muonreg.tasks.uncertainty import PT_EDGES, TrackUncertainty, fit_errors, hat_basis
 
 from conftest import make_model
 
@@ -107,6 +108,21 @@ def test_correction_scales_the_fits_errors_by_pt_and_eta_region_and_stays_finite
         for base in (torch.zeros(4, 3), torch.full((4, 3), 1e30)):
             wild = torch.stack(list(unc(base, pt, eta).values()), -1)
             assert torch.isfinite(wild).all() and (wild > 0).all() and torch.isfinite(1 / wild).all()
+
+
+def test_the_base_widens_phi_without_strips_and_takes_eta_from_the_slope():
+    t = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    # two tracks: at eta 0 with slope 0, and at eta asinh(1) (cosh sqrt 2) with slope 1 (d lambda = d slope / 2)
+    fit = {"eta": t(0.0, math.asinh(1.0)), "slope": t(0.0, 1.0), "slope_sigma": t(1e-3, 2e-3)}
+    fit |= {"p": t(1e9, 1e9), "phi_strips": t(0.0, 5.0)}  # no scattering; no strips, five strips
+    expected = {"truthMuon_qpt": t(0.01, 0.02), "truthMuon_phi": t(3e-3, 4e-3)}
+    base = fit_errors(fit, expected)
+    torch.testing.assert_close(base[:, 0], t(0.01, 0.02))
+    torch.testing.assert_close(base[:, 1], t(1e-3, math.sqrt(2) * 1e-3))
+    sector = det.SECTOR_WIDTH / math.sqrt(12)  # 0.113 rad
+    torch.testing.assert_close(
+        base[:, 2], t(math.hypot(3e-3, sector), math.hypot(4e-3, math.exp(-7.5) * sector))
+    )
 
 
 def test_a_checkpoint_from_before_the_correction_loads_with_none():
