@@ -15,6 +15,8 @@ Inputs (B events, M hits; both dynamic), as `collate` makes them:
 Outputs of the tracker (Q queries):
     track_valid_logit float32 [B, Q], track_hit_logit float32 [B, Q, M],
     track_eta, track_phi, track_pt, track_q float32 [B, Q]  (pT in GeV, q = +-1)
+    track_sigma_qpt, track_sigma_eta, track_sigma_phi float32 [B, Q]  their per-track uncertainties
+        (q/pT in 1/GeV, phi in rad; muonreg.tasks.uncertainty), where the network has the track fit
 Output of the hit filter (model=hit_filter), for a trigger or a reconstruction to cut on:
     hit_probability float32 [B, M]; its working points' cuts, set on its validation split, are in
     the metadata (`muonreg.filter_cuts`: {efficiency: cut}); keep the hits at or above a cut.
@@ -49,6 +51,7 @@ from muonreg.data.geometry import GEOMETRY
 from muonreg.data.schema import HIT_FEATURES
 from muonreg.errors import UserError, exit_on_user_errors, root_cause
 from muonreg.models import HitFilter, MaskFormer
+from muonreg.tasks.uncertainty import UNCERTAIN
 from muonreg.tracking.store import connect, default_tracking_uri
 from muonreg.trained import add_source_arguments, atomic_output, checkpoint_file, load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
@@ -56,10 +59,18 @@ from muonreg.training.setup import dataset_path, hit_features, run_splits
 INPUTS = ("hit_x", "hit_x_valid", "hit_valid", "hit_geometry", "hit_geometry_valid")
 PARAMETERS = ("eta", "phi", "pt", "q")
 OUTPUTS = ("track_valid_logit", "track_hit_logit", *(f"track_{f}" for f in PARAMETERS))
+SIGMA_OUTPUTS = tuple(f"track_sigma_{f}" for f in UNCERTAIN)  # where the model has a track fit
 LOGIT_ATOL = 1e-4
 # (absolute, relative) tolerance of each parameter; pT compared as the curvature 1/pT [1/GeV] (the
-# space it is regressed and fitted in: a track fitted to 1 hit has pT 2800 +- 1.5 GeV, 1/pT +- 2e-7)
-PARAMETER_TOL = {"eta": (1e-4, 0.0), "phi": (1e-4, 0.0), "pt": (1e-6, 1e-4), "q": (0.0, 0.0)}
+# space it is regressed and fitted in: a track fitted to 1 hit has pT 2800 +- 1.5 GeV, 1/pT +- 2e-7);
+# the uncertainties relative to themselves
+PARAMETER_TOL = {
+    "eta": (1e-4, 0.0),
+    "phi": (1e-4, 0.0),
+    "pt": (1e-6, 1e-4),
+    "q": (0.0, 0.0),
+    **{f"sigma_{f}": (0.0, 1e-4) for f in UNCERTAIN},
+}
 CHECK_OUTLIERS = 0.01  # the share of tracks whose parameters may differ more (discontinuities)
 FILTER_OUTPUTS = ("hit_probability",)
 PROBABILITY_ATOL = 1e-5  # the filter's hit probabilities, ONNX Runtime against torch
@@ -71,14 +82,19 @@ class ExportError(UserError, RuntimeError):
     """The exported graph disagrees with torch, or cannot be written."""
 
 
-class OnnxTracker(nn.Module):
-    """The network with tensor inputs and the outputs ONNX users want (logits, physical parameters)."""
+def output_names(model: MaskFormer) -> tuple[str, ...]:
+    """OUTPUTS, and SIGMA_OUTPUTS where the model gives per-track uncertainties."""
+    return OUTPUTS + (SIGMA_OUTPUTS if model.regression_task.uncertainty is not None else ())
 
-    outputs = OUTPUTS
+
+class OnnxTracker(nn.Module):
+    """The network with tensor inputs and the outputs ONNX users want (logits, physical parameters
+    and their uncertainties): `output_names(model)`."""
 
     def __init__(self, model: MaskFormer):
         super().__init__()
         self.model = model.eval()
+        self.names = output_names(model)
 
     def forward(
         self,
@@ -93,17 +109,14 @@ class OnnxTracker(nn.Module):
         )
         outputs = self.model(batch)
         physical = self.model.regression_task.predict(outputs)
-        return (
-            outputs["track_valid_logit"],
-            outputs["track_hit_logit"],
-            *(physical[f"track_truthMuon_{f}"] for f in PARAMETERS),
-        )
+        physical |= {f"track_{f}": physical[f"track_truthMuon_{f}"] for f in PARAMETERS}
+        return tuple(outputs[name] if name in outputs else physical[name] for name in self.names)
 
 
 class OnnxHitFilter(nn.Module):
     """The hit filter with tensor inputs: every hit's muon probability."""
 
-    outputs = FILTER_OUTPUTS
+    names = FILTER_OUTPUTS
 
     def __init__(self, model: HitFilter):
         super().__init__()
@@ -145,7 +158,7 @@ def export_onnx(
             dynamo=True,
             dynamic_shapes=dims,
             input_names=list(INPUTS),
-            output_names=list(wrapper.outputs),
+            output_names=list(wrapper.names),
             opset_version=OPSET,
             verbose=False,
         )
@@ -156,7 +169,7 @@ def export_onnx(
         "muonreg.hit_scales": json.dumps({k: v for k, v in features.scales.items() if k in features.names}),
         "muonreg.missing_sentinels": json.dumps(features.missing_sentinels.tolist()),
         "muonreg.geometry": json.dumps(list(GEOMETRY)),
-        "muonreg.outputs": json.dumps(list(wrapper.outputs)),
+        "muonreg.outputs": json.dumps(list(wrapper.names)),
         "muonreg.config": OmegaConf.to_yaml(cfg),
     }
     if isinstance(model, HitFilter):
@@ -199,22 +212,23 @@ def ort_session(path: Path, threads: int = 1):
 
 
 def _differences(
-    ref: list[np.ndarray], got: list[np.ndarray], hit_valid: np.ndarray
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], hit_valid: np.ndarray
 ) -> dict[str, np.ndarray]:
     """|onnx - torch| of each output (hit logits on real hits only; pT as 1/pT, see PARAMETER_TOL)."""
-    diff = {name: np.abs(r.astype(np.float64) - g) for name, r, g in zip(OUTPUTS, ref, got, strict=True)}
+    diff = {name: np.abs(r.astype(np.float64) - got[name]) for name, r in ref.items()}
     diff["track_hit_logit"] = np.where(hit_valid[:, None, :], diff["track_hit_logit"], 0.0)
-    diff["track_pt"] = np.abs(1 / ref[4].astype(np.float64) - 1 / got[4])
+    diff["track_pt"] = np.abs(1 / ref["track_pt"].astype(np.float64) - 1 / got["track_pt"])
     return diff
 
 
-def _track_agrees(diff: dict[str, np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
+def _track_agrees(diff: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> np.ndarray:
     """[B, Q]: every output of the track (event, query) is within tolerance."""
     ok = (diff["track_valid_logit"] <= LOGIT_ATOL) & (diff["track_hit_logit"] <= LOGIT_ATOL).all(-1)
-    for i, f in enumerate(PARAMETERS):
+    for name in ref.keys() - {"track_valid_logit", "track_hit_logit"}:
+        f = name.removeprefix("track_")
         atol, rtol = PARAMETER_TOL[f]
-        r = ref[2 + i].astype(np.float64)
-        ok &= diff[f"track_{f}"] <= atol + rtol * np.abs(1 / r if f == "pt" else r)
+        r = ref[name].astype(np.float64)
+        ok &= diff[name] <= atol + rtol * np.abs(1 / r if f == "pt" else r)
     return ok
 
 
@@ -275,13 +289,21 @@ def compare(model: MaskFormer, path: Path, batches: Sequence[tuple[str, dict]]) 
     for what, batch in batches:
         start = time.perf_counter()
         with torch.no_grad():
-            ref = [t.numpy() for t in wrapper(*(batch[k] for k in INPUTS))]
+            ref = dict(
+                zip(wrapper.names, (t.numpy() for t in wrapper(*(batch[k] for k in INPUTS))), strict=True)
+            )
         report["seconds"]["torch"] += time.perf_counter() - start
         start = time.perf_counter()
-        got = session.run(list(OUTPUTS), {k: batch[k].numpy() for k in INPUTS})
+        got = dict(
+            zip(
+                wrapper.names,
+                session.run(list(wrapper.names), {k: batch[k].numpy() for k in INPUTS}),
+                strict=True,
+            )
+        )
         report["seconds"]["onnxruntime"] += time.perf_counter() - start
-        if not all(np.isfinite(g).all() for g in got):
-            raise ExportError(f"ONNX Runtime gives non-finite outputs on {what}")
+        if not all(np.isfinite(g).all() for g in got.values()):
+            raise ExportError(f"{path}: ONNX Runtime gives non-finite outputs on {what}")
         diff = _differences(ref, got, batch["hit_valid"].numpy())
         ok = _track_agrees(diff, ref)
         judged = batch["hit_valid"].shape[1] > 1

@@ -28,6 +28,7 @@ MEASUREMENT_SIGMA_FLOOR = (
 FINITE_DIFFERENCE_STEP = (
     1e-6  # step of a forward-difference derivative in a track's parameters (rad, rad, 1/GeV)
 )
+LOG_SIGMA_RANGE = (-27.6, 13.8)  # log of an uncertainty: e^-27.6 = 1e-12 to e^13.8 = 1e6, never 0 or inf
 
 
 def masked_mean(
@@ -114,6 +115,11 @@ def safe_inverse(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 def safe_log(p: torch.Tensor) -> torch.Tensor:
     """log of a probability clamped away from 0 (seeds/nan-kl-log-zero.md)."""
     return torch.log(p.clamp(min=LOG_MIN))
+
+
+def sigma_from_log(log_sigma: torch.Tensor) -> torch.Tensor:
+    """exp of a log-uncertainty clamped to LOG_SIGMA_RANGE: a pull never divides by 0, a sigma is never inf."""
+    return torch.exp(log_sigma.clamp(*LOG_SIGMA_RANGE))
 
 
 def bce_with_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

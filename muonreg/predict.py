@@ -1,7 +1,7 @@
 """Run a trained tracker (or hit filter) over a dataset and keep its predictions in HDF5:
 `python -m muonreg.predict (--run-id ID | --checkpoint PATH) --data DIR --out FILE.h5`.
 
-The file is readable with plain h5py (layout below, version 1). E events, Q queries (the model's
+The file is readable with plain h5py (layout below, version 2: version 1 had no sigma_*). E events, Q queries (the model's
 `num_queries`), H = the sum of the events' hit counts. Queries are in the network's own order (no
 truth matching); a track is a query with `valid_probability` >= 0.5.
 
@@ -13,6 +13,10 @@ truth matching); a track is a query with `valid_probability` >= 0.5.
     hit_probability    float32 [H, Q]  probability that hit h belongs to query q, in the stored hit order
     valid_probability  float32 [E, Q]  probability that the query holds a muon
     eta, phi, pt, q    float32 [E, Q]  the network's track parameters (pT in GeV, q = +-1)
+    sigma_qpt, sigma_eta, sigma_phi  float32 [E, Q]
+                                       their per-track uncertainties (q/pT in 1/GeV, phi in rad;
+                                       muonreg.tasks.uncertainty), calibrated on the run's validation
+                                       split; NaN from a network without the track fit
     num_assigned       int32   [E, Q]  hits with probability >= attrs["hit_threshold"] (the model's
                                        model.hit_mask.threshold, 0.5, unless --hit-threshold): the track's hits
     fit/eta, fit/phi, fit/pt, fit/q, fit/chi2_ndf  float32 [E, Q]
@@ -52,7 +56,7 @@ from muonreg.data.format import DatasetReader
 from muonreg.errors import UserError, exit_on_user_errors
 from muonreg.evaluation.assigned_fit import fit_assigned
 from muonreg.evaluation.filter_metrics import working_point_name
-from muonreg.evaluation.inference import filter_probability, infer
+from muonreg.evaluation.inference import SIGMAS, filter_probability, infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import HitFilter, MaskFormer
 from muonreg.reco.fit import MIN_HITS
@@ -60,7 +64,7 @@ from muonreg.trained import add_source_arguments, atomic_output, checkpoint_file
 from muonreg.training.device import evaluation_dtype, resolve_device
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
-FORMAT, VERSION = "muonreg-predictions", 1
+FORMAT, VERSION = "muonreg-predictions", 2
 SPLITS = ("test", "val", "train", "all")
 ASSIGNED = 0.5  # a hit is a track's at probability >= this, unless the model's hit_mask.threshold says
 FIT_FIELDS = (*FIELDS, "chi2_ndf")
@@ -86,7 +90,7 @@ def tracker_specs(queries: int) -> dict[str, tuple]:
         **EVENT_SPECS,
         "hit_probability": (np.float32, (q,)),
         "valid_probability": (np.float32, (q,)),
-        **{f: (np.float32, (q,)) for f in FIELDS},
+        **{f: (np.float32, (q,)) for f in (*FIELDS, *SIGMAS)},
         "num_assigned": (np.int32, (q,)),
         **{f"fit/{f}": (np.float32, (q,)) for f in FIT_FIELDS},
         "fit/ok": (np.bool_, (q,)),
@@ -184,7 +188,7 @@ def batch_columns(
         **columns,
         "hit_probability": hit_probability.astype(np.float32),
         "valid_probability": p["valid_probability"],
-        **{f: p[f] for f in FIELDS},
+        **{f: p[f] for f in (*FIELDS, *SIGMAS)},
         "num_assigned": assigned.sum(-1).astype(np.int32),
         **{f"fit/{f}": np.full(shape, np.nan, np.float32) for f in FIT_FIELDS},
         "fit/ok": np.zeros(shape, bool),

@@ -2,7 +2,8 @@
 model all load, so each tool finds runs, checks them and rebuilds the network the same way.
 
 The checkpoint carries the resolved config; the network is rebuilt from it and its weights (input
-standardisation and target normalisation are buffers, so they come with the weights).
+standardisation, target normalisation and the per-track uncertainties' calibration are buffers, so
+they come with the weights; a checkpoint from before that calibration gives the fit's own errors).
 """
 
 from __future__ import annotations

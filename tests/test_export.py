@@ -109,10 +109,12 @@ def test_exported_tracker_matches_torch_and_is_logged_to_the_run(trained, tmp_pa
     ]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(export.INPUTS)
+    names = export.output_names(model)  # the default has the track fit: its uncertainties too
+    assert [o.name for o in session.get_outputs()] == list(names) == [*export.OUTPUTS, *export.SIGMA_OUTPUTS]
     for what, batch in batches:
         with torch.no_grad():
             ref = [t.numpy() for t in export.OnnxTracker(model)(*(batch[k] for k in export.INPUTS))]
-        got = session.run(list(export.OUTPUTS), {k: batch[k].numpy() for k in export.INPUTS})
+        got = session.run(list(names), {k: batch[k].numpy() for k in export.INPUTS})
         assert all(np.isfinite(g).all() and g.shape == r.shape for g, r in zip(got, ref, strict=True)), what
         if what == "an event cut to 1 hit":
             continue  # one drift circle has no side: float32 rounding may pick either (export.compare)
@@ -125,3 +127,6 @@ def test_exported_tracker_matches_torch_and_is_logged_to_the_run(trained, tmp_pa
         np.testing.assert_allclose(got[3], ref[3], rtol=0, atol=1e-4)  # phi
         np.testing.assert_allclose(1 / got[4], 1 / ref[4], rtol=1e-4, atol=1e-6)  # 1/pT
         np.testing.assert_array_equal(got[5], ref[5])  # q
+        for i in range(6, 9):  # sigma(q/pT), sigma(eta), sigma(phi)
+            assert (ref[i] > 0).all()
+            np.testing.assert_allclose(got[i], ref[i], rtol=1e-4, atol=0, err_msg=names[i])

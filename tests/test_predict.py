@@ -19,7 +19,7 @@ from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
 from muonreg.evaluate import evaluate_checkpoint
 from muonreg.evaluate import main as evaluate_main
-from muonreg.evaluation.inference import infer
+from muonreg.evaluation.inference import SIGMAS, infer
 from muonreg.reco.fit import fit_tracks
 from muonreg.trained import load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
@@ -69,7 +69,8 @@ def test_predictions_read_back_with_h5py_equal_the_models_in_memory(trained, tmp
         got = {k: f[k][:] for k in f if isinstance(f[k], h5py.Dataset)}
         got.update({f"fit/{k}": f["fit"][k][:] for k in f["fit"]})
         attrs = dict(f.attrs)
-    assert attrs["format"] == "muonreg-predictions" and attrs["split"] == "val"
+    assert attrs["format"] == "muonreg-predictions" and attrs["version"] == 2 and attrs["split"] == "val"
+    assert all(np.isfinite(got[k]).all() and (got[k] > 0).all() for k in SIGMAS)  # the default has them
     np.testing.assert_array_equal(got["event_index"], val)
     n, q = len(val), model.num_queries
     assert got["valid_probability"].shape == (n, q) and got["hit_probability"].shape == (
@@ -83,7 +84,7 @@ def test_predictions_read_back_with_h5py_equal_the_models_in_memory(trained, tmp
     for start in range(0, n, 5):
         items = [dataset[i] for i in range(start, min(start + 5, n))]
         preds = {k: v.numpy() for k, v in infer(model, collate(items), torch.device("cpu")).items()}
-        for k in ("valid_probability", *FIELDS):
+        for k in ("valid_probability", *FIELDS, *SIGMAS):
             np.testing.assert_array_equal(got[k][start : start + len(items)], preds[k], err_msg=k)
         for b, e in enumerate(range(start, start + len(items))):
             h0, nh = got["hit_start"][e], got["num_hits"][e]

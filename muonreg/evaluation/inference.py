@@ -14,7 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from muonreg.evaluation.metrics import FIELDS, TrackRecords, summarise
+from muonreg.tasks.uncertainty import UNCERTAIN
 from muonreg.training.device import autocast, to_device
+
+SIGMAS = tuple(f"sigma_{f}" for f in UNCERTAIN)  # the per-track uncertainties of the predictions
 
 
 def _perfect_tracking(
@@ -91,14 +94,18 @@ def query_predictions(
     model: nn.Module, outputs: dict[str, torch.Tensor], hit_valid: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """What a user of the network gets per event and query, in physical units, from its outputs:
-    `valid_probability` [b, n], `hit_probability` [b, n, m] (0 on padding) and `eta`, `phi`, `pt`,
-    `q` [b, n]. No matching: the queries in the network's own order."""
+    `valid_probability` [b, n], `hit_probability` [b, n, m] (0 on padding), `eta`, `phi`, `pt`,
+    `q` [b, n] and the uncertainties `sigma_qpt` [1/GeV], `sigma_eta`, `sigma_phi` [rad] [b, n]
+    (NaN from a network without them: no track fit). No matching: the queries in the network's
+    own order."""
     core = unwrap(model)
     physical = core.regression_task.predict(outputs)
+    missing = torch.full_like(physical["track_truthMuon_pt"], float("nan"))
     return {
         "valid_probability": torch.sigmoid(outputs["track_valid_logit"]),
         "hit_probability": torch.sigmoid(outputs["track_hit_logit"]) * hit_valid.unsqueeze(1),
         **{f: physical[f"track_truthMuon_{f}"] for f in FIELDS},
+        **{s: physical.get(f"track_{s}", missing) for s in SIGMAS},
     }
 
 

@@ -104,6 +104,12 @@ class TrackRecords:
             "hit_pur": hit_pur,
             **{f"true_{f}": batch[f"particle_truthMuon_{f}"] for f in FIELDS},
             **{f"pred_{f}": preds[f"track_truthMuon_{f}"][:, :n_slots] for f in FIELDS},
+            # per-track uncertainties, where the network gives them (evaluation.pulls)
+            **{
+                k.removeprefix("track_"): v[:, :n_slots]
+                for k, v in preds.items()
+                if k.startswith("track_sigma_")
+            },
         }
         if self.keep_hits:
             counts = batch["hit_valid"].sum(-1).tolist()
@@ -158,13 +164,15 @@ def resolution_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-def binned(rows: dict[str, np.ndarray], by: str, edges: list[float]) -> list[dict[str, float]]:
-    """resolution_metrics in bins of true pT (`by="pt"`) or true |eta| (`by="abs_eta"`)."""
+def binned(
+    rows: dict[str, np.ndarray], by: str, edges: list[float], metrics=resolution_metrics
+) -> list[dict[str, float]]:
+    """`metrics` (resolution_metrics) in bins of true pT (`by="pt"`) or true |eta| (`by="abs_eta"`)."""
     value = rows["true_pt"] if by == "pt" else np.abs(rows["true_eta"])
     out = []
     for lo, hi in itertools.pairwise(edges):
         sel = (value >= lo) & (value < hi)
-        out.append({"lo": lo, "hi": hi, **resolution_metrics({k: v[sel] for k, v in rows.items()})})
+        out.append({"lo": lo, "hi": hi, **metrics({k: v[sel] for k, v in rows.items()})})
     return out
 
 

@@ -98,6 +98,67 @@ def versus(
     return path
 
 
+PULL_LABELS = {"qpt": r"$q/p_T$", "eta": r"$\eta$", "phi": r"$\phi$"}
+PULL_TARGET = (0.9, 1.1)  # pull widths calibrated within 10 %
+
+
+def pull_histograms(pulls: dict[str, np.ndarray], path: Path) -> Path:
+    """Each field's pull distribution beside a unit Gaussian (values beyond +-5 in the edge bins)."""
+    fig, axes = plt.subplots(1, len(pulls), figsize=(4.2 * len(pulls), 3.8))
+    bins = np.linspace(-5, 5, 61)
+    for ax, (field, x) in zip(np.atleast_1d(axes), pulls.items(), strict=True):
+        if len(x):
+            label = f"68% core {core_width(x):.3f}, median {np.median(x):+.3f} ({len(x)} muons)"
+            ax.hist(np.clip(x, -5, 5), bins=bins, histtype="step", density=True, color="C0", label=label)
+        ax.plot(
+            bins,
+            np.exp(-0.5 * bins**2) / np.sqrt(2 * np.pi),
+            color="grey",
+            linestyle="--",
+            label="unit Gaussian",
+        )
+        ax.set_xlabel(f"pull of {PULL_LABELS[field]}: (pred - true) / $\\sigma$")
+        ax.set_ylabel("muons (normalised)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Pulls of the per-track uncertainties on the test set")
+    return _save(fig, path)
+
+
+def pull_widths(rows: list[dict], fields: tuple[str, ...], xlabel: str, path: Path) -> Path:
+    """Pull width (68 % core) per bin of each field, with its error, against the 0.9-1.1 target band."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    lo, hi = np.array([r["lo"] for r in rows]), np.array([r["hi"] for r in rows])
+    centre = np.sqrt(lo * hi)
+    for i, field in enumerate(fields):
+        shift = centre * (1 + 0.04 * (i - 1))  # side by side within the bin
+        ax.errorbar(
+            shift,
+            [r[f"{field}_pull_width"] for r in rows],
+            yerr=[r[f"{field}_pull_width_err"] for r in rows],
+            xerr=[shift - lo, hi - shift],
+            linestyle="none",
+            marker="os^"[i % 3],
+            capsize=2,
+            label=PULL_LABELS[field],
+        )
+    ax.axhspan(*PULL_TARGET, color="grey", alpha=0.15, label="target 0.9-1.1")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(lo.min(), hi.max())  # the binning's range, also where no bin has muons
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("pull width (68% core)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def filter_roc(
     curves: dict[str, tuple[np.ndarray, np.ndarray]], working_points: dict[str, dict], path: Path
 ) -> Path:

@@ -20,7 +20,9 @@ import numpy as np
 
 from muonreg.evaluation import plots
 from muonreg.evaluation.metrics import binned, residuals, resolution_metrics
+from muonreg.evaluation.pulls import has_pulls, pull_metrics, pulls
 from muonreg.evaluation.same_muons import comparison, comparison_table
+from muonreg.tasks.uncertainty import UNCERTAIN
 
 # The methods of a report, and the prefix of their overall metrics (the network's have none).
 NETWORK, FIT = "network", "least-squares fit"
@@ -255,7 +257,53 @@ def write_report(
             f"{k}_{bin_name(row['lo'], row['hi'])}": row[k] for row in compared["pT [GeV]"] for k in COMPARED
         }
         tables[COMPARISON] = compared
+    if has_pulls(methods[NETWORK]):
+        metrics |= write_pulls(out, methods[NETWORK], pt_edges, eta_edges)
     return metrics, tables
+
+
+PULL_NAMES = {"qpt": "q/pT", "eta": "η", "phi": "φ"}
+
+
+def write_pulls(
+    out: Path, rows: dict[str, np.ndarray], pt_edges: list[float], eta_edges: list[float]
+) -> dict[str, float]:
+    """The network's pulls (evaluation.pulls): pulls.md, pulls.csv, pulls.png (distributions) and
+    pull_width_vs_pt.png; returns the metrics `<field>_pull_width[_median]`, overall and per pT bin."""
+    tables = {
+        "all": [{"lo": float("nan"), "hi": float("nan"), **pull_metrics(rows)}],
+        "pT [GeV]": binned(rows, "pt", pt_edges, pull_metrics),
+        "abs(eta)": binned(rows, "abs_eta", eta_edges, pull_metrics),
+    }
+    columns = ["pull_muons"] + [f"{f}_pull_{k}" for f in UNCERTAIN for k in ("width", "width_err", "median")]
+    lines = [
+        "Pulls (predicted - true) / sigma of the network's per-track uncertainties, reconstructed muons:",
+        "width = half the central 68 % interval (1 when calibrated), its statistical error, median.",
+        "",
+    ]
+    for binning, rows_ in tables.items():
+        head = [binning, "muons"] + [
+            f"{PULL_NAMES[f]} {k}" for f in UNCERTAIN for k in ("width", "err", "median")
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows_:
+            label = "all" if binning == "all" else f"{row['lo']:g}-{row['hi']:g}"
+            cells = [f"{row['pull_muons']:.0f}"] + [f"{row[c]:.3f}" for c in columns[1:]]
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines.append("")
+    (out / "pulls.md").write_text("\n".join(lines))
+    with open(out / "pulls.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["binning", "lo", "hi", *columns])
+        for binning, rows_ in tables.items():
+            writer.writerows([binning, row["lo"], row["hi"], *[row[c] for c in columns]] for row in rows_)
+    plots.pull_histograms(pulls(rows), out / "pulls.png")
+    plots.pull_widths(tables["pT [GeV]"], UNCERTAIN, r"true $p_T$ [GeV]", out / "pull_width_vs_pt.png")
+    keys = [f"{f}_pull_{k}" for f in UNCERTAIN for k in ("width", "median")]
+    metrics = {k: tables["all"][0][k] for k in keys}
+    for row in tables["pT [GeV]"]:
+        metrics |= {f"{k}_{bin_name(row['lo'], row['hi'])}": row[k] for k in keys}
+    return metrics
 
 
 def bin_name(lo: float, hi: float) -> str:

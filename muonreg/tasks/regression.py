@@ -8,7 +8,8 @@ With the signed-curvature target `truthMuon_qpt`, `predict` also returns pT = 1/
 charge as the sign. pT is positive whatever the network outputs (a negative raw 1/pT decodes by
 its magnitude). phi is an angle: its loss is taken on the difference wrapped into [-pi, pi), so a
 prediction of +3.1 for a truth of -3.1 is 0.08 rad off, not 6.2, and predictions are wrapped.
-Each field's loss can be weighted (`loss_weights`).
+Each field's loss can be weighted (`loss_weights`). A task with a track fit also predicts each
+track's uncertainties sigma(q/pT), sigma(eta), sigma(phi) (`tasks.uncertainty`), which no loss trains.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from muonreg.data.schema import QPT
 from muonreg.models.layers import mlp
 from muonreg.numerics import masked_mean, safe_inverse
+from muonreg.tasks.uncertainty import TrackUncertainty
 
 ANGLES = ("truthMuon_phi",)  # periodic fields: losses on wrapped differences
 POSITIVE = ("truthMuon_pt",)  # magnitudes: decoded as such
@@ -121,6 +123,7 @@ class RegressionTask(nn.Module):
         if any(w < 0 for w in weights) or not any(weights):
             raise ValueError(f"field loss weights {weights} must be >= 0 and not all 0")
         self.register_buffer("field_weights", torch.tensor(weights), persistent=False)
+        self.uncertainty: TrackUncertainty | None = None  # a task with a track fit sets it
 
     @property
     def fields(self) -> list[str]:
@@ -147,7 +150,13 @@ class RegressionTask(nn.Module):
         return {"track_regression": masked_mean(loss, valid.unsqueeze(-1).expand_as(loss))}
 
     def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.space.decode(outputs["track_regression"])
+        """Track parameters in physical units, and `track_sigma_<field>` where the task has a
+        per-track uncertainty (`uncertainty`, from the fit's expected errors `track_fit_sigma`)."""
+        values = self.space.decode(outputs["track_regression"])
+        if self.uncertainty is None:
+            return values
+        pt, eta = values["track_truthMuon_pt"], values["track_truthMuon_eta"]
+        return {**values, **self.uncertainty(outputs["track_fit_sigma"], pt, eta)}
 
 
 class ObjectRegressionTask(RegressionTask):

@@ -17,7 +17,8 @@ form it, a least-squares fit can. For every query, over the hits its assignment 
    away, a true one a fraction of a millimetre), with the track model's own error (scattering,
    the small-angle approximation) growing with |c|.
 
-Returns per-track features (q/p and its error, direction, position, chi2, hits used) and physics
+Returns per-track features (q/p and its error, direction, position, chi2, hits used, the weight
+of the strips that gave phi) and physics
 estimates at the vertex: eta of the direction at the calorimeter, q/pT with the calibrated
 calorimeter energy loss added back, phi with the solenoid's turn undone (the classical estimate
 the head refines).
@@ -111,6 +112,7 @@ class TrackFit(nn.Module):
                 along = col["cos_phi"] * cos_phi + col["sin_phi"] * sin_phi
                 near = torch.exp(-0.5 * (portable.atan2(across, along) / PHI_WINDOW) ** 2)
                 phi_weight = phi_weight * torch.where(mdt > 0, 1.0, near)
+            phi_strips = (phi_weight * (mdt <= 0)).sum(-1)  # no strips (|eta| > 2.4): phi is the sector's
             side = torch.where(weighted_average(w, col["z"]) >= 0, 1.0, -1.0).to(w)
             # 2. hits in the track plane (folded to z > 0); hits of other sectors are not this track's
             cos_dphi = col["cos_phi_s"] * cos_phi + col["sin_phi_s"] * sin_phi
@@ -183,6 +185,7 @@ class TrackFit(nn.Module):
             "p": p_ms + loss,
             "chi2_ndf": chi2 * safe_inverse((used - 3).clamp(min=1)),
             "hits": used,
+            "phi_strips": phi_strips,
             "qpt": qpt,
             # each hit in each track's frame, on scales of order one: along the line (5 m), across it
             # (asinh of cm: millimetres to metres), and its pull to the fitted track (asinh)

@@ -18,6 +18,8 @@ of the fit's own error. With `pull_loss` > 0 the curvature's loss (1/pT, pT or q
 the error in those same units (a pull), weighted by `pull_loss`, so a 150 GeV muon, whose 1/pT
 error is tiny in absolute terms, counts as much as a 5 GeV one (the angles keep their loss in
 standard deviations of the targets: in pulls their corrections turned noisy).
+With `fit`, the task also gives each track the fit's expected errors of q/pT, eta and phi
+(`track_fit_sigma`), which `tasks.uncertainty` corrects into the per-track uncertainties.
 `local` feeds the raw branch each hit's
 coordinates relative to its track's fitted line (along it, across it, and across it in units of
 the measurement's resolution), so pooled features are in the track's frame, not the detector's.
@@ -39,6 +41,7 @@ from muonreg.tasks import portable
 from muonreg.tasks.pooling import POOLING
 from muonreg.tasks.regression import RegressionTask
 from muonreg.tasks.track_fit import TrackFit
+from muonreg.tasks.uncertainty import TrackUncertainty, fit_errors
 
 ASSIGNMENTS = ("hard", "soft")
 CURVATURE = ("truthMuon_pt", "truthMuon_qpt")
@@ -123,6 +126,7 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         if self.use_fit:  # the fit's outputs and its estimates of the targets
             pooled += FIT_FEATURES + len(self.fields)
         self.fit = (fit or TrackFit()) if self.use_fit else None
+        self.uncertainty = TrackUncertainty() if self.use_fit else None  # per-track sigmas need the fit
         self.head = mlp(dim + pooled, hidden or 2 * dim, len(self.fields), layers=3)
         if self.anchor:  # start as the fit: the head learns corrections
             nn.init.zeros_(self.head[-1].weight)
@@ -189,11 +193,14 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
             if self.use_fit:
                 anchor = self._anchor(fit).detach().float()
                 parts.append(anchor)
-            out = self.head(torch.cat(parts, dim=-1))
+            out = {"track_regression": self.head(torch.cat(parts, dim=-1))}
+            if not self.use_fit:
+                return out
+            out["track_fit_sigma"] = fit_errors(fit, expected_errors(fit)).float()
             if not self.anchor:
-                return {"track_regression": out}
+                return out
             scale = self._correction_scale(fit).float()
-            out = {"track_regression": anchor + out * scale}
+            out["track_regression"] = anchor + out["track_regression"] * scale
             if not self.pull_loss:
                 return out
             # dividing a field's error by scale / sqrt(weight) weights its squared pull by `pull_loss`
@@ -241,28 +248,18 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         encoded = self.space.encode_values(physical).clamp(-ANCHOR_LIMIT, ANCHOR_LIMIT)
         return torch.where(self.anchored_fields, encoded, torch.zeros_like(encoded))
 
-    @torch.no_grad()
     def _correction_scale(self, fit: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Expected error of the fit's estimate of each target, in the internal space [b, n, fields]:
-        q/pT from the fit's covariance and the loss's spread; the angles from the nominal precision of
-        the spectrometer and the calorimeter's scattering (the linearised covariance of a direction is
-        not trusted to scale a correction)."""
-        cosh, p = portable.cosh(fit["eta"]), fit["p"]
-        sigma_qpt = cosh * torch.sqrt(fit["qp_sigma"] ** 2 + (det.ENERGY_LOSS_SPREAD / p**2) ** 2)
-        sigma_angle = torch.sqrt(ANGLE_MEASUREMENT**2 + (det.CALO_SCATTERING / p) ** 2)
-        sigma = {
-            "truthMuon_eta": cosh * sigma_angle,
-            "truthMuon_phi": torch.sqrt(sigma_angle**2 + (det.SOLENOID_PHI_KICK * sigma_qpt) ** 2),
-            "truthMuon_qpt": sigma_qpt,
-            "truthMuon_pt": sigma_qpt / fit["qpt"].abs().clamp(min=sigma_qpt) ** 2,  # pT^2 sigma(1/pT)
-        }
+        """The fit's expected error of each target (`expected_errors`) in the internal space [b, n, fields]."""
+        sigma = expected_errors(fit)
         columns = []
         for i, field in enumerate(self.fields):
             # the Python list, not the buffer: no data-dependent branch (torch.export, ONNX)
             inverted_pt = field == "truthMuon_pt" and field in self.space.inverse_fields
-            scale = sigma_qpt if inverted_pt else sigma.get(field)  # an inverted pT's internal space is 1/pT
+            scale = sigma["truthMuon_qpt"] if inverted_pt else sigma.get(field)  # inverted pT's space: 1/pT
             columns.append(
-                torch.ones_like(p) if scale is None else (scale / self.space.std[i]).clamp(*SCALE_RANGE)
+                torch.ones_like(fit["p"])
+                if scale is None
+                else (scale / self.space.std[i]).clamp(*SCALE_RANGE)
             )
         return torch.stack(columns, -1)
 
@@ -289,6 +286,23 @@ class WeightedPoolingObjectHitRegressionTask(RegressionTask):
         """raw [b, m, f] -> [b, n, m, f + 3]: each hit also in each track's frame (from the fit)."""
         local = fit["local"].to(raw.dtype)  # [b, n, m, 3]
         return torch.cat([raw.unsqueeze(1).expand(-1, local.shape[1], -1, -1), local], -1)
+
+
+@torch.no_grad()
+def expected_errors(fit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Expected error of the fit's estimate of each target, in physical units [b, n]: q/pT from the
+    fit's covariance and the energy loss's spread; the angles from the nominal precision of the
+    spectrometer and the calorimeter's scattering (the linearised covariance of a direction is not
+    trusted to scale a correction). The anchor's scale and the base of the per-track uncertainties."""
+    cosh, p = portable.cosh(fit["eta"]), fit["p"]
+    sigma_qpt = cosh * torch.sqrt(fit["qp_sigma"] ** 2 + (det.ENERGY_LOSS_SPREAD / p**2) ** 2)
+    sigma_angle = torch.sqrt(ANGLE_MEASUREMENT**2 + (det.CALO_SCATTERING / p) ** 2)
+    return {
+        "truthMuon_eta": cosh * sigma_angle,
+        "truthMuon_phi": torch.sqrt(sigma_angle**2 + (det.SOLENOID_PHI_KICK * sigma_qpt) ** 2),
+        "truthMuon_qpt": sigma_qpt,
+        "truthMuon_pt": sigma_qpt / fit["qpt"].abs().clamp(min=sigma_qpt) ** 2,  # pT^2 sigma(1/pT)
+    }
 
 
 def _station_mean(

@@ -8,8 +8,9 @@ columns in the training dataset's order (the model's metadata `hit_columns`; the
 20 by default), NaN-padded past each event's hits, and `num_hits` int64 [B]. Everything after that
 (feature scaling and derived features, missing-value masks, the fit's geometry, standardisation,
 target decoding) is inside. Output of a tracker, per event and query: `valid_probability` [B, Q],
-`hit_probability` [B, Q, M] (0 past the event's hits), and `eta`, `phi`, `pt` (GeV), `q` [B, Q],
-as `muonreg.predict` writes them. Output of a hit filter (model=hit_filter): `hit_probability`
+`hit_probability` [B, Q, M] (0 past the event's hits), `eta`, `phi`, `pt` (GeV), `q` [B, Q] and
+their per-track uncertainties `sigma_qpt` (1/GeV), `sigma_eta`, `sigma_phi` (rad) [B, Q], as
+`muonreg.predict` writes them. Output of a hit filter (model=hit_filter): `hit_probability`
 [B, M] and, for each working point whose cut it stores (set on its validation split), `kept_wp<e>`
 [B, M], the hits at or above that cut (the model's metadata `filter_cuts`). The model is the
 run's weights and config only (a slim copy of best.pt, no optimiser state) and needs muonreg
@@ -34,7 +35,7 @@ from muonreg.data.dataset import collate
 from muonreg.data.features import HitFeatures
 from muonreg.data.geometry import HitGeometry
 from muonreg.evaluation.filter_metrics import working_point_name
-from muonreg.evaluation.inference import filter_probability, infer
+from muonreg.evaluation.inference import SIGMAS, filter_probability, infer
 from muonreg.evaluation.metrics import FIELDS
 from muonreg.models import HitFilter, MaskFormer
 from muonreg.tracking.store import no_progress_bars
@@ -42,7 +43,7 @@ from muonreg.trained import load_model, read_checkpoint
 from muonreg.training.setup import hit_features
 
 ARTIFACT = "model"  # runs:/<id>/model
-OUTPUTS = ("valid_probability", "hit_probability", *FIELDS)
+OUTPUTS = ("valid_probability", "hit_probability", *FIELDS, *SIGMAS)
 
 
 class RunModel(mlflow.pyfunc.PythonModel):

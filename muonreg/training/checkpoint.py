@@ -64,11 +64,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def replace_model_state(path: Path, model_state: dict[str, Any]) -> None:
-    """Rewrite a checkpoint with new model weights or buffers (e.g. a hit filter's cuts set after
-    training), atomically, keeping everything else and its sidecar."""
+def replace_model(path: Path, model_state: dict[str, Any]) -> None:
+    """Rewrite the checkpoint at `path` with other model weights and buffers (a calibration fitted
+    after training), everything else and its sidecar as they were."""
     state = load_checkpoint(path)
     state["model"] = model_state
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, state, json.loads(path.with_name(path.name + ".json").read_text()))

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonreg.config import ConfigError, flatten, is_hit_filter, validate
+from muonreg.evaluation.calibration import calibrate_uncertainty
 from muonreg.evaluation.filter_evaluation import evaluate_filter, filter_evaluation, set_validation_cuts
 from muonreg.evaluation.full import full_evaluation
 from muonreg.evaluation.inference import evaluate
@@ -25,7 +26,7 @@ from muonreg.tracking.runs import job_run, tracking_uri
 from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import connect, warn_if_shared_sqlite
 from muonreg.training import distributed
-from muonreg.training.checkpoint import config_hash, load_checkpoint, replace_model_state
+from muonreg.training.checkpoint import config_hash, load_checkpoint, replace_model
 from muonreg.training.device import (
     allow_tf32,
     autocast_dtype,
@@ -295,13 +296,20 @@ def _train_and_test(
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():
         trainer.core.load_state_dict(load_checkpoint(best_path)["model"])
-        if is_hit_filter(cfg) and len(data.datasets["val"]):
-            cuts = set_validation_cuts(trainer.core, loaders["val"], device, evaluation_dtype(device, cfg))
-            replace_model_state(best_path, trainer.core.state_dict())
-            log.info(
-                "working points' cuts, set on the validation split and stored in %s: %s", best_path, cuts
-            )
     dtype = evaluation_dtype(device, cfg)
+    # What is set on validation after training travels with the weights (the checkpoint, the MLflow
+    # model, ONNX): the filter's working-point cuts, the tracker's per-track uncertainty calibration.
+    if is_hit_filter(cfg):
+        changed = len(data.datasets["val"]) > 0
+        if changed:
+            cuts = set_validation_cuts(trainer.core, loaders["val"], device, dtype)
+            log.info("working points' cuts, set on the validation split: %s", cuts)
+    else:
+        calibration = calibrate_uncertainty(trainer.model, loaders["val"], device, dtype)
+        log_metrics(calibration, trainer.state.epoch)
+        changed = bool(calibration)
+    if changed and best_path.is_file():
+        replace_model(best_path, trainer.core.state_dict())
     evaluate_sets = _evaluate_filter if is_hit_filter(cfg) else _evaluate_tracker
     message = evaluate_sets(cfg, trainer, data, loaders["test"], device, dtype, out, log_metrics)
     try:
