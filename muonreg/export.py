@@ -87,14 +87,14 @@ def output_names(model: MaskFormer) -> tuple[str, ...]:
     return OUTPUTS + (SIGMA_OUTPUTS if model.regression_task.uncertainty is not None else ())
 
 
-class OnnxTracker(nn.Module):
-    """The network with tensor inputs and the outputs ONNX users want (logits, physical parameters
-    and their uncertainties): `output_names(model)`."""
+class OnnxGraph(nn.Module):
+    """A network with the tensor inputs of INPUTS (as `collate` makes them) and named outputs (`names`)."""
 
-    def __init__(self, model: MaskFormer):
+    names: tuple[str, ...]
+
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
-        self.names = output_names(model)
 
     def forward(
         self,
@@ -107,33 +107,34 @@ class OnnxTracker(nn.Module):
         batch = dict(
             zip(INPUTS, (hit_x, hit_x_valid, hit_valid, hit_geometry, hit_geometry_valid), strict=True)
         )
+        return self.outputs(batch)
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class OnnxTracker(OnnxGraph):
+    """The tracker with the outputs ONNX users want (logits, physical parameters and their
+    uncertainties): `output_names(model)`."""
+
+    def __init__(self, model: MaskFormer):
+        super().__init__(model)
+        self.names = output_names(model)
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         outputs = self.model(batch)
         physical = self.model.regression_task.predict(outputs)
         physical |= {f"track_{f}": physical[f"track_truthMuon_{f}"] for f in PARAMETERS}
         return tuple(outputs[name] if name in outputs else physical[name] for name in self.names)
 
 
-class OnnxHitFilter(nn.Module):
-    """The hit filter with tensor inputs: every hit's muon probability."""
+class OnnxHitFilter(OnnxGraph):
+    """The hit filter: every hit's muon probability."""
 
     names = FILTER_OUTPUTS
 
-    def __init__(self, model: HitFilter):
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(
-        self,
-        hit_x: torch.Tensor,
-        hit_x_valid: torch.Tensor,
-        hit_valid: torch.Tensor,
-        hit_geometry: torch.Tensor,
-        hit_geometry_valid: torch.Tensor,
-    ) -> torch.Tensor:
-        batch = dict(
-            zip(INPUTS, (hit_x, hit_x_valid, hit_valid, hit_geometry, hit_geometry_valid), strict=True)
-        )
-        return self.model.predict(self.model(batch))
+    def outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (self.model.predict(self.model(batch)),)
 
 
 def graph(model: MaskFormer | HitFilter) -> OnnxTracker | OnnxHitFilter:
@@ -242,7 +243,7 @@ def compare_filter(model: HitFilter, path: Path, batches: Sequence[tuple[str, di
     for what, batch in batches:
         start = time.perf_counter()
         with torch.no_grad():
-            ref = wrapper(*(batch[k] for k in INPUTS)).numpy()
+            (ref,) = (t.numpy() for t in wrapper(*(batch[k] for k in INPUTS)))
         report["seconds"]["torch"] += time.perf_counter() - start
         start = time.perf_counter()
         (got,) = session.run(list(FILTER_OUTPUTS), {k: batch[k].numpy() for k in INPUTS})

@@ -198,15 +198,15 @@ class FilterRun:
         checkpoint: str | Path,
         columns: list[str],
         *,
-        working_point: float,
-        threshold: float | None,
-        cut_from_input_truth: bool,
-        max_hits: int,
-        max_tracks: int,
-        min_hits_per_muon: int,
-        batch_size: int,
-        device: str,
-        progress: bool,
+        working_point: float = 0.99,
+        threshold: float | None = None,
+        cut_from_input_truth: bool = False,
+        max_hits: int = 600,
+        max_tracks: int = 2,
+        min_hits_per_muon: int = 3,
+        batch_size: int = 8,
+        device: str = "auto",
+        progress: bool = True,
     ):
         check_arguments(working_point, threshold, cut_from_input_truth)
         self.checkpoint = Path(checkpoint)
@@ -292,38 +292,16 @@ def filter_dataset(
     input_dir: str | Path,
     output_dir: str | Path,
     *,
-    working_point: float = 0.99,
-    threshold: float | None = None,
-    cut_from_input_truth: bool = False,
-    max_hits: int = 600,
-    max_tracks: int = 2,
-    min_hits_per_muon: int = 3,
-    batch_size: int = 8,
-    device: str = "auto",
     compression: str | None = "gzip",
-    progress: bool = True,
+    **settings: object,
 ) -> dict:
-    """Filter `input_dir` into the tracking dataset `output_dir` at the stored cut of `working_point`,
-    at `threshold`, or at a cut set on the input's truth; return what metadata.yaml records."""
-    check_arguments(working_point, threshold, cut_from_input_truth)
+    """Filter `input_dir` into the tracking dataset `output_dir` at the stored cut of the working point,
+    at a `threshold`, or at a cut set on the input's truth (`settings`: FilterRun's); return what
+    metadata.yaml records."""
     output_dir, input_dir = Path(output_dir), Path(input_dir)
-    if output_dir.exists():
-        raise FilterError(f"--output {output_dir} already exists; remove it or choose another")
+    _check_output(output_dir)
     reader = DatasetReader(input_dir)
-    run = FilterRun(
-        checkpoint,
-        reader.hit_features,
-        working_point=working_point,
-        threshold=threshold,
-        cut_from_input_truth=cut_from_input_truth,
-        max_hits=max_hits,
-        max_tracks=max_tracks,
-        min_hits_per_muon=min_hits_per_muon,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    run = FilterRun(checkpoint, reader.hit_features, **settings)
     with (
         tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scores-") as scratch,
         DatasetWriter(
@@ -350,37 +328,22 @@ def filter_simulated(
     *,
     seed: int = 0,
     pileup: float = 200.0,
-    working_point: float = 0.99,
-    threshold: float | None = None,
-    max_hits: int = 600,
-    max_tracks: int = 2,
-    min_hits_per_muon: int = 3,
-    batch_size: int = 8,
-    device: str = "auto",
     compression: str | None = "gzip",
     progress: bool = True,
+    **settings: object,
 ) -> dict:
     """Simulate `events` events at pile-up `pileup` (muonreg.data.pileup, the filter dataset's
     events) block by block and write only what the filter keeps: a tracking dataset of as many
-    events as wanted, without storing thousands of hits per event. The cut is the stored one of
-    `working_point` or `threshold` (simulated blocks have no common truth to set one on)."""
+    events as wanted, without storing thousands of hits per event. The cut is the stored one of the
+    working point or a `threshold` (`settings`: FilterRun's; simulated blocks have no common truth to
+    set one on)."""
     output_dir = Path(output_dir)
-    if output_dir.exists():
-        raise FilterError(f"--output {output_dir} already exists; remove it or choose another")
-    run = FilterRun(
-        checkpoint,
-        list(HIT_FEATURES),
-        working_point=working_point,
-        threshold=threshold,
-        cut_from_input_truth=False,
-        max_hits=max_hits,
-        max_tracks=max_tracks,
-        min_hits_per_muon=min_hits_per_muon,
-        batch_size=batch_size,
-        device=device,
-        progress=False,
-    )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if settings.get("cut_from_input_truth"):
+        raise FilterError(
+            "--simulate with --cut-from-input-truth: simulated blocks take the stored cut or --threshold"
+        )
+    _check_output(output_dir)
+    run = FilterRun(checkpoint, list(HIT_FEATURES), **{**settings, "progress": False})
     with (
         tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.blocks-") as scratch,
         DatasetWriter(output_dir, compression=compression, source="muonreg-simulate --pileup") as writer,
@@ -404,6 +367,12 @@ def filter_simulated(
             "source_processing_parameters": pileup_parameters(events, seed, pileup),
         }
     return writer.processing_parameters
+
+
+def _check_output(output_dir: Path) -> None:
+    if output_dir.exists():
+        raise FilterError(f"--output {output_dir} already exists; remove it or choose another")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -473,7 +442,13 @@ def run(args: argparse.Namespace) -> Path:
                 f"--simulate {args.simulate} --pileup {args.pileup:g}: need >= 1 events and pile-up >= 0"
             )
         parameters = filter_simulated(
-            args.checkpoint, args.output, args.simulate, seed=args.seed, pileup=args.pileup, **common
+            args.checkpoint,
+            args.output,
+            args.simulate,
+            seed=args.seed,
+            pileup=args.pileup,
+            cut_from_input_truth=args.cut_from_input_truth,
+            **common,
         )
     else:
         parameters = filter_dataset(

@@ -110,6 +110,17 @@ def query_predictions(
 
 
 @torch.no_grad()
+def _outputs(
+    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(float32 outputs, the batch on `device`) of an inference forward in `amp_dtype`."""
+    model.eval()
+    batch = to_device(batch, device)
+    with autocast(device, amp_dtype):
+        outputs = model(batch)
+    return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}, batch
+
+
 def infer(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -117,15 +128,10 @@ def infer(
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """`query_predictions` of a batch (on `device`, in the run's precision; outputs float32)."""
-    model.eval()
-    batch = to_device(batch, device)
-    with autocast(device, amp_dtype):
-        outputs = model(batch)
-    outputs = {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
+    outputs, batch = _outputs(model, batch, device, amp_dtype)
     return query_predictions(model, outputs, batch["hit_valid"])
 
 
-@torch.no_grad()
 def filter_probability(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -133,8 +139,4 @@ def filter_probability(
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """A hit filter's muon probability of every hit of a batch [b, m] (float32, on `device`)."""
-    model.eval()
-    batch = to_device(batch, device)
-    with autocast(device, amp_dtype):
-        outputs = model(batch)
-    return unwrap(model).predict({k: v.float() for k, v in outputs.items()})
+    return unwrap(model).predict(_outputs(model, batch, device, amp_dtype)[0])
