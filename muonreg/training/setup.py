@@ -156,7 +156,7 @@ def evaluation_sets(cfg: DictConfig, data: RunData, progress: bool = True) -> di
     for name in EVALUATION_SETS:
         if cfg.data.path is None and cfg.evaluation[name].events:
             reader = _reader(cfg, simulated_set_path(cfg, name, progress))
-            check_truth(reader, {name: np.arange(len(reader))})
+            check_truth(reader, {name: np.arange(len(reader))}, cfg.data.max_particles)
             sets[name] = MuonEventDataset(reader, data.features, _targets(cfg), cfg.data.max_particles)
         elif name == "validation":
             sets[name] = data.datasets["val"]
