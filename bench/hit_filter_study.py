@@ -47,7 +47,7 @@ ARMS: dict[str, list[str]] = {
     "no_timing": ["model.timing=false"],  # no time residuals: trigger-strip timing off
     "phi_order": ["model.order=phi"],  # neighbours in phi order, not (sector, pointing angle)
     "fewer_neighbours": ["model.neighbours=3"],
-    "four_neighbours": ["model.neighbours=4"],
+    "six_neighbours": ["model.neighbours=6"],  # the default before 2026-12-05
     "one_layer": ["model.layers=1"],
     "attention_beside": ["model.attention_layers=1"],  # a windowed attention layer after the neighbourhoods
     "wide": [
@@ -207,6 +207,16 @@ def summarise(out: Path, command: str) -> str:
             table[arm][key] = {"mean": mean, "t95": half, "values": values}
             cells.append(f"{mean:.4g} ± {half:.2g}" if half == half else f"{mean:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
+    chosen_on = [arm for arm in arms if all("val" in r for r in records if r["arm"] == arm)]
+    if chosen_on:  # records since 2026-12-05 also hold the validation split, where arms are chosen
+        lines += ["", "On validation (where the arms are chosen): " + "; ".join(
+            f"{arm} AUC {np.mean([r['val']['auc'] for r in records if r['arm'] == arm]):.5f}, rejection "
+            + "{:.4g} ± {:.2g}".format(
+                *t_interval([r["val"]["wp0.99/background_rejection"] for r in records if r["arm"] == arm])
+            )
+            + " at 0.99"
+            for arm in chosen_on
+        )]  # fmt: skip
     if records:  # the road search has no seed: the same held-out hits give the same figures
         road = records[0]["heldout"]
         name = f"road/layers{ROAD_LAYERS}"
