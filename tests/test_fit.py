@@ -134,3 +134,16 @@ def test_fits_shared_by_worker_processes_equal_the_fits_in_one(monkeypatch):
         for key, value in alone.items():
             np.testing.assert_allclose(shared[key], value, rtol=1e-12, atol=0, err_msg=key)
         assert np.array_equal(shared["ok"], alone["ok"]) and np.array_equal(shared["q"], alone["q"])
+
+
+def test_fits_share_worker_processes_inside_a_joblib_sweep_job():
+    """A sweep job under hydra/launcher=joblib runs in a loky worker, whose process-wide start method
+    ('loky') the fit's forkserver children cannot take up: the held-out set's reference fit broke every
+    job of such a sweep at its evaluation. In a loky worker the shared fit equals the fit in one process."""
+    from joblib import Parallel, delayed
+
+    muons, _ = _muons(40, 5, SimulationConfig())
+    muons = (muons * (1000 // len(muons) + 1))[:1000]  # 2 workers' worth (MIN_TRACKS_PER_WORKER: 500)
+    [shared] = Parallel(n_jobs=2, backend="loky")([delayed(fit_tracks)(muons, INDEX, workers=2)])
+    alone = fit_tracks(muons, INDEX, workers=1)
+    np.testing.assert_allclose(shared["pt"], alone["pt"], rtol=1e-12, atol=0)

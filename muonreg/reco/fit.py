@@ -286,9 +286,18 @@ def fit_tracks(
     if workers == 1:
         parts = [_fit_batch(chunk, index, robust) for chunk in chunks]
     else:  # forked from a clean server process started once (not from the caller and its threads)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=_forkserver()) as pool:
             parts = list(pool.map(_fit_batch, chunks, repeat(index), repeat(robust)))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _forkserver() -> mp.context.BaseContext:
+    """The forkserver context. A new process takes up its parent's process-wide start method; in a
+    joblib (loky) worker, such as a job of a `hydra/launcher=joblib` sweep, that is 'loky', which no
+    plain process knows: such a worker switches to forkserver first."""
+    if mp.get_start_method(allow_none=True) not in mp.get_all_start_methods():
+        mp.set_start_method("forkserver", force=True)
+    return mp.get_context("forkserver")
 
 
 def _fit_batch(tracks: list[np.ndarray], index: dict[str, int], robust: bool) -> dict[str, np.ndarray]:
