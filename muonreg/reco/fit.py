@@ -295,7 +295,8 @@ def _forkserver() -> mp.context.BaseContext:
     """The forkserver context. A new process takes up its parent's process-wide start method; in a
     joblib (loky) worker, such as a job of a `hydra/launcher=joblib` sweep, that is 'loky', which no
     plain process knows: such a worker switches to forkserver first."""
-    if mp.get_start_method(allow_none=True) not in mp.get_all_start_methods():
+    method = mp.get_start_method(allow_none=True)  # None: not set yet, left alone
+    if method is not None and method not in mp.get_all_start_methods():
         mp.set_start_method("forkserver", force=True)
     return mp.get_context("forkserver")
 
