@@ -7,8 +7,9 @@ digest recorded below. Update both together.
 """
 
 SIMULATOR_VERSION = 3  # muonreg/detector.py, muonreg/data/simulate.py
-FIT_VERSION = 8  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes; 7: cores from
-# muonreg.machine; 8: its numerical floors from muonreg.numerics, the same fits)
+FIT_VERSION = 9  # muonreg/detector.py, muonreg/reco/ (6: the same fits, spread over processes; 7: cores from
+# muonreg.machine; 8: its numerical floors from muonreg.numerics, the same fits; 9: forkserver inside a joblib
+# sweep's worker, the same fits)
 
 SIMULATOR_DIGEST = "12a843c385c4be49"
-FIT_DIGEST = "b52461d857286e3b"
+FIT_DIGEST = "67cf7133445d64e1"
