@@ -40,6 +40,26 @@ def test_item_targets_follow_truth_links(reference_dataset):
         assert (item["particle_truthMuon_pt"][k:] == 0).all()  # empty slots carry 0, never NaN
 
 
+def test_a_batch_read_at_once_equals_its_events_read_alone(reference_dataset):
+    """The loader asks for a batch (`__getitems__`): its per-hit arrays are computed over all the
+    batch's hits together and must be cut back into exactly each event's own."""
+    path, hits, _ = reference_dataset
+    ds = _dataset(path)
+    items = [29, 0, 7, 7, 13]
+    together = ds.__getitems__(items)
+    alone = [_dataset(path)[i] for i in items]
+    assert [len(e["hit_x"]) for e in together] == [len(hits[i]) for i in items]
+    for a, b in zip(together, alone, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    loader = make_loader(ds, 5, shuffle=False, bucket_by_hits=False)
+    first = next(iter(loader))
+    expected = collate([_dataset(path)[i] for i in range(5)])
+    for key in expected:
+        torch.testing.assert_close(first[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_collate_pads_to_batch_maximum_with_masks(reference_dataset):
     path, hits, _ = reference_dataset
     ds = _dataset(path)

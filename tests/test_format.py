@@ -93,9 +93,11 @@ def test_shape_disagreeing_with_metadata_names_file(reference_dataset):
         reader.read(0)
 
 
-def test_truth_link_out_of_range_names_file_and_row(tmp_path):
+@pytest.mark.parametrize("bad", ["past_last", "fraction", "nan"])
+def test_truth_link_out_of_range_names_file_and_row(tmp_path, bad):
     hits, tracks = random_events(6, seed=3)
-    hits[4][2, HIT_FEATURES.index("spacePoint_truthLink")] = len(tracks[4])  # one past the last muon
+    value = {"past_last": len(tracks[4]), "fraction": 0.5, "nan": np.nan}[bad]
+    hits[4][2, HIT_FEATURES.index("spacePoint_truthLink")] = value  # no muon's index
     path = write_reference_dataset(tmp_path / "ref", hits, tracks, files=2)
     reader = DatasetReader(path)
     reader.read(3)

@@ -117,6 +117,7 @@ class DatasetReader:
         self.path = Path(path)
         self.cache_blocks = cache_blocks
         self._cache: OrderedDict[tuple[int, int], _Block] = OrderedDict()
+        self._block_rows: dict[int, int] = {}  # per file: asking HDF5 costs more than reading an event
         if not self.path.is_dir():
             raise DataFormatError(f"{self.path}: not a directory (expected a dataset in the hepattn layout)")
         for name in (METADATA, FILE_INDICES, ROW_INDICES):
@@ -230,8 +231,12 @@ class DatasetReader:
 
     def block_rows(self, file_idx: int) -> int:
         """Rows read together from a file: its HDF5 chunk height (gzip decompresses whole chunks)."""
-        rows = self._open(file_idx)["hits"].chunks
-        return int(np.clip(rows[0], MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)) if rows else MIN_BLOCK_ROWS
+        if file_idx not in self._block_rows:
+            rows = self._open(file_idx)["hits"].chunks
+            self._block_rows[file_idx] = (
+                int(np.clip(rows[0], MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)) if rows else MIN_BLOCK_ROWS
+            )
+        return self._block_rows[file_idx]
 
     def reserve_cache(self, events: int) -> None:
         """Keep enough blocks for `events` consecutive events (a sampler's pool) plus the seams."""
@@ -307,7 +312,7 @@ class DatasetReader:
             raise DataFormatError(f"{where}: non-finite {col} for one of its {n_tracks} tracks")
         if self._link_col is not None:
             link = hits[:, self._link_col]
-            bad = ~np.isin(link, np.arange(NOISE_LINK, n_tracks))
+            bad = ~((link == np.floor(link)) & (link >= NOISE_LINK) & (link < n_tracks))
             if bad.any():
                 raise DataFormatError(
                     f"{where}: {TRUTH_LINK} value {float(link[bad][0])} at hit {int(np.argmax(bad))} "

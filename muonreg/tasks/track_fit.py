@@ -135,6 +135,7 @@ class TrackFit(nn.Module):
         robust = torch.ones_like(w)
         params = torch.zeros(*w.shape[:2], 3, dtype=g.dtype, device=g.device)
         schedule = [None] * self.wire_iterations + list(self.side_scales)
+        differentiated = torch.is_grad_enabled()
         for step, side_scale in enumerate(schedule):
             with torch.no_grad():  # sides and robustness weights are chosen, not differentiated
                 model = (basis * params.unsqueeze(2)).sum(-1)
@@ -152,10 +153,13 @@ class TrackFit(nn.Module):
                 total_sigma = (measured + spread).sqrt()
                 if step:
                     robust = 1 / (1 + ((target - model) / (self.robust_scale * total_sigma)).square())
-            weight = w * robust / total_sigma.square()
-            normal = torch.einsum("bnm,bnmi,bnmj->bnij", weight, basis, basis) + torch.diag(self.prior)
-            rhs = torch.einsum("bnm,bnmi,bnm->bni", weight, basis, target)
-            params = portable.solve(normal, rhs)
+            # only the last solve reaches the outputs: the earlier ones build no autograd graph
+            with torch.set_grad_enabled(differentiated and step == len(schedule) - 1):
+                weight = w * robust / total_sigma.square()
+                weighted = (basis * weight.unsqueeze(-1)).mT  # [b, n, 3, m]
+                normal = weighted @ basis + torch.diag(self.prior)
+                rhs = (weighted @ target.unsqueeze(-1)).squeeze(-1)
+                params = portable.solve(normal, rhs)
         line = params[..., 0:1] + params[..., 1:2] * (t - t_mean)  # the track without its bending
         residual = (target - (basis * params.unsqueeze(2)).sum(-1)) / total_sigma
         used = (w * robust).sum(-1)
