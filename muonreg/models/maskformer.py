@@ -66,17 +66,18 @@ class MaskFormer(nn.Module):
         with full_precision(hit_x):  # the hits' coordinates enter in float32, whatever the autocast
             x = self.input_net(torch.cat([hit_x, hit_x_valid.to(hit_x.dtype)], dim=-1))
         hits = self.encoder(x, hit_valid)
+        keys = self.hit_mask_task.hit_keys(hits)
         states = self.decoder(
-            hits, hit_valid, lambda q: self.hit_mask_task.claimed(q, hits, self.mask_threshold)
+            hits, hit_valid, lambda q: self.hit_mask_task.claimed(q, keys, self.mask_threshold)
         )
         query = states[-1]
         outputs = {"query_embed": query, "hit_embed": hits}
         if self.aux_loss and self.training:  # deep supervision of the earlier decoder layers
             for i, state in enumerate(states[:-1]):
                 outputs[f"aux{i}_valid_logit"] = self.valid_task(state)["track_valid_logit"]
-                outputs[f"aux{i}_hit_logit"] = self.hit_mask_task(state, hits)["track_hit_logit"]
+                outputs[f"aux{i}_hit_logit"] = self.hit_mask_task(state, keys)["track_hit_logit"]
         outputs.update(self.valid_task(query))
-        outputs.update(self.hit_mask_task(query, hits))
+        outputs.update(self.hit_mask_task(query, keys))
         if self.refine is not None:  # the fit's verdict on each hit corrects the first-stage assignment
             outputs["track_stage0_hit_logit"] = outputs["track_hit_logit"]
             outputs["track_hit_logit"] = self.refine(

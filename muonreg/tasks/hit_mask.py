@@ -14,6 +14,8 @@ from muonreg.numerics import bce_with_logits, masked_mean, pairwise_bce
 class ObjectHitMaskTask(nn.Module):
     """logit[b, n, m] = <query_net(q_n), hit_net(h_m)> / sqrt(dim).
 
+    The hits' side, `keys = hit_keys(hits)`, is computed once per forward and shared by every
+    decoder layer's attention mask and every set of queries: the hits do not change between them.
     `threshold`: the working point, the assignment probability at and above which a hit is the
     track's in the predictions (tracking metrics, fits of the assigned hits, `muonreg.predict`);
     training does not see it.
@@ -27,15 +29,18 @@ class ObjectHitMaskTask(nn.Module):
         self.loss_weight, self.cost_weight = loss_weight, cost_weight
         self.logit_threshold = math.log(threshold / (1 - threshold))
 
-    def logits(self, query: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bnd,bmd->bnm", self.query_net(query), self.hit_net(hits)) * self.scale
+    def hit_keys(self, hits: torch.Tensor) -> torch.Tensor:
+        return self.hit_net(hits)
 
-    def forward(self, query: torch.Tensor, hits: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"track_hit_logit": self.logits(query, hits)}
+    def logits(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bnd,bmd->bnm", self.query_net(query), keys) * self.scale
 
-    def claimed(self, query: torch.Tensor, hits: torch.Tensor, threshold: float) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"track_hit_logit": self.logits(query, keys)}
+
+    def claimed(self, query: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
         """Hits each query claims with probability >= threshold (the decoder's attention mask)."""
-        return torch.sigmoid(self.logits(query, hits)) >= threshold
+        return torch.sigmoid(self.logits(query, keys)) >= threshold
 
     def cost(
         self, outputs: dict[str, torch.Tensor], truth: dict[str, torch.Tensor], hit_valid: torch.Tensor
