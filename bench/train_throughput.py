@@ -7,13 +7,15 @@ Reference muon config (dim 32, 2 encoder + 2 decoder layers, 8 heads, 2 queries)
 batch 200, the shipped default model, on simulated events of 60-600 hits (mean ~330, gzip files;
 generated once into bench/out), or with `--multiplicity default` the ~92-hit events `make train`
 trains on. Real optimiser steps through the training loop with the DataLoader, so data waiting is
-included. Prints `train_events_per_s` and `peak_rss_mib`
-(the whole job: this process and its DataLoader workers together), and with `--profile` where one
-step's time goes.
+included. Prints `train_events_per_s` and `peak_rss_mib` (the whole job: this process and its
+DataLoader workers together), and with `--profile` where a step's time goes (`step_forward_ms`,
+`step_loss_ms`, `step_backward_ms`, then the forward per module and torch's op table).
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import resource
 import sys
@@ -72,6 +74,57 @@ class TreeMemory:
         self._stop.set()
         self._thread.join()
         return self.peak / 1024
+
+
+def profile(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> None:
+    """Where a step's time goes, after the timed loop (its clocks would otherwise wait on each phase):
+    forward, loss and backward; the forward per module, two levels deep; then torch's op table."""
+    phases: dict[str, float] = collections.defaultdict(float)
+    modules: dict[str, float] = collections.defaultdict(float)
+    started: dict[str, float] = {}
+
+    def enter(name: str):
+        return lambda *_: started.__setitem__(name, time.perf_counter())
+
+    def leave(name: str):
+        return lambda *_: modules.__setitem__(name, modules[name] + time.perf_counter() - started[name])
+
+    hooks = [
+        hook
+        for name, module in model.named_modules()
+        if name and name.count(".") <= 1
+        for hook in (module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name)))
+    ]
+    model.train()
+    for batch in batches:
+        t0 = time.perf_counter()
+        outputs = model(batch)
+        t1 = time.perf_counter()
+        loss = model.loss(outputs, batch)["loss"]
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        for phase, seconds in (("forward", t1 - t0), ("loss", t2 - t1), ("backward", t3 - t2)):
+            phases[phase] += seconds
+    for hook in hooks:
+        hook.remove()
+    n, step = len(batches), sum(phases.values())
+    events = sum(len(b["event_index"]) for b in batches)
+    print(
+        f"# profile: {n} batches of {events / n:.0f} events; ms per batch, share of forward + loss + backward"
+    )
+    for phase, seconds in phases.items():
+        print(f"step_{phase}_ms: {seconds / n * 1e3:.1f}")
+        print(f"# {phase} {seconds / step:.1%}")
+    print("# forward per module, ms per batch (a parent includes its children)")
+    for name, seconds in sorted(modules.items(), key=lambda kv: -kv[1]):
+        if seconds / phases["forward"] >= 0.01:
+            print(f"#   {name:50s} {seconds / n * 1e3:8.1f}  {seconds / phases['forward']:6.1%} of forward")
+    with torch.profiler.profile() as prof:
+        _, losses = forward_loss(model, batches[0], device, None)
+        losses["loss"].backward()
+    for line in prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15).splitlines():
+        print(f"# {line}")
 
 
 def main() -> None:
@@ -140,11 +193,7 @@ def main() -> None:
         f"# main process alone: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
     if args.profile:
-        batch = to_device(next(batches), device)
-        with torch.profiler.profile() as prof:
-            _, losses = forward_loss(model, batch, device, None)
-            losses["loss"].backward()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        profile(model, [to_device(b, device) for b in itertools.islice(loaders["train"], 5)], device)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ def test_loader_benchmark_prints_events_per_second(tmp_path):
 
 def test_training_benchmark_prints_throughput_and_memory(tmp_path):
     args = ["--events", "300", "--batch", "50", "--steps", "2", "--warmup", "1", "--workers", "0"]
-    found = figures(tmp_path, "train_throughput.py", *args)
+    found = figures(tmp_path, "train_throughput.py", *args, "--multiplicity", "default", "--profile")
     assert found["train_events_per_s"] > 0 and 0 <= found["data_wait_fraction"] <= 1
     assert 100 < found["peak_rss_mib"] < 4000
+    assert found["step_forward_ms"] > 0 and found["step_backward_ms"] > 0
 
 
 def test_gpu_check_runs_without_mlflow_and_names_what_needs_cuda(tmp_path):
