@@ -141,7 +141,7 @@ def test_validation_and_heldout_sets_never_share_their_events():
         ConfigError, match=r"evaluation\.heldout\.seed=34567 is also evaluation\.validation\.seed"
     ):
         validate(cfg)
-    validate(_compose("evaluation.validation.seed=34567"))  # no validation events: the val split
+    validate(_compose("evaluation.validation.events=0", "evaluation.validation.seed=34567"))  # the val split
 
 
 def test_a_dataset_without_a_feature_column_says_so_and_how_to_train_without_it(tmp_path):

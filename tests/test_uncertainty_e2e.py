@@ -13,7 +13,7 @@ from test_train_e2e import data_dir as data_dir  # the shared simulated-data fix
 
 from muonreg.evaluation.calibration import calibrate_uncertainty
 from muonreg.trained import load_model
-from muonreg.training.setup import build_data, build_loaders
+from muonreg.training.setup import build_data, eval_loader, evaluation_sets
 
 pytestmark = pytest.mark.slow
 EVENTS = 3000  # the fewest (with 4 epochs of batch 32) after which the network reconstructs muons
@@ -28,6 +28,7 @@ def trained(tmp_path_factory, data_dir):
         f"data.simulation.events={EVENTS}",
         f"data.max_events={EVENTS}",
         "trainer.max_epochs=4",
+        "evaluation.validation.events=1000",  # a simulated validation set: not the val split
         "evaluation.fit_reference=false",
         "evaluation.assigned_fit_events=0",
         "evaluation.displays=0",
@@ -49,6 +50,8 @@ def test_a_trained_networks_pulls_are_calibrated_and_reported(trained):
         assert 0.6 < metrics[f"test/{field}_pull_width"] < 1.5, field
         assert math.isfinite(metrics[f"test/{field}_pull_width_pt5_10"])
         assert math.isfinite(metrics[f"test/{field}_pull_median"])
+    # calibrated on the validation set (its muons: more per pT bin than the val split's), not the val split
+    assert metrics["calibration/muons"] == metrics["validation/pull_muons"] > 0
     artifacts = {a.path for a in client(root).list_artifacts(run.info.run_id, "evaluation")}
     assert {
         f"evaluation/{name}" for name in ("pulls.md", "pulls.csv", "pulls.png", "pull_width_vs_pt.png")
@@ -60,7 +63,6 @@ def test_the_checkpoint_keeps_the_calibration_and_calibrating_again_changes_noth
     model, cfg = load_model(best)
     kept = model.regression_task.uncertainty.coefficients.clone()
     assert kept.abs().sum() > 0
-    data = build_data(cfg, progress=False)
-    loader = build_loaders(cfg, data, torch.device("cpu"))["val"]
-    calibrate_uncertainty(model, loader, torch.device("cpu"), None)
+    validation = evaluation_sets(cfg, build_data(cfg, progress=False), progress=False)["validation"]
+    calibrate_uncertainty(model, eval_loader(cfg, validation, torch.device("cpu")), torch.device("cpu"), None)
     torch.testing.assert_close(model.regression_task.uncertainty.coefficients, kept, rtol=1e-4, atol=1e-4)

@@ -269,7 +269,8 @@ def write_pulls(
     out: Path, rows: dict[str, np.ndarray], pt_edges: list[float], eta_edges: list[float]
 ) -> dict[str, float]:
     """The network's pulls (evaluation.pulls): pulls.md, pulls.csv, pulls.png (distributions) and
-    pull_width_vs_pt.png; returns the metrics `<field>_pull_width[_median]`, overall and per pT bin."""
+    pull_width_vs_pt.png; returns the metrics `<field>_pull_width[_median]` and the count of their
+    muons `pull_muons`, overall and per pT bin."""
     tables = {
         "all": [{"lo": float("nan"), "hi": float("nan"), **pull_metrics(rows)}],
         "pT [GeV]": binned(rows, "pt", pt_edges, pull_metrics),
@@ -299,7 +300,7 @@ def write_pulls(
             writer.writerows([binning, row["lo"], row["hi"], *[row[c] for c in columns]] for row in rows_)
     plots.pull_histograms(pulls(rows), out / "pulls.png")
     plots.pull_widths(tables["pT [GeV]"], UNCERTAIN, r"true $p_T$ [GeV]", out / "pull_width_vs_pt.png")
-    keys = [f"{f}_pull_{k}" for f in UNCERTAIN for k in ("width", "median")]
+    keys = ["pull_muons"] + [f"{f}_pull_{k}" for f in UNCERTAIN for k in ("width", "median")]
     metrics = {k: tables["all"][0][k] for k in keys}
     for row in tables["pT [GeV]"]:
         metrics |= {f"{k}_{bin_name(row['lo'], row['hi'])}": row[k] for k in keys}
