@@ -76,11 +76,16 @@ display: install  # e.g. make display ARGS="--run-id ID --event 3" (python -m mu
 ui: install  # MLflow UI on the project database: http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
+# The suite on TEST_WORKERS pytest-xdist processes (one per core: each test keeps to one thread), the
+# slowest tests named at the end; ARGS="-n 0" runs it in this process, e.g. to debug one test.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check muonreg hydra_plugins tests bench train.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -13,8 +14,22 @@ import yaml
 
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES
 
+from train_cli import mlflow_template, run_train, runs
+
 # The tests' tensors are tiny: on a 2-core machine intra-op threads only wait on each other.
 torch.set_num_threads(1)
+
+# Fixtures made once and read by several tests (trained runs, datasets): `make test` runs the suite on
+# pytest-xdist workers (--dist loadgroup), and the tests that share one of these share a worker, so it
+# is made once there, not once per worker.
+SHARED_FIXTURES = ("smoke_run", "straight_parameters", "filter_run", "trained", "loaders", "batch", "sample")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 def random_events(n: int, seed: int = 0, max_tracks: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -101,14 +116,40 @@ def write_reference_dataset(
 
 
 @pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
+def empty_mlflow_db() -> Path:
     """An MLflow SQLite database with its schema made (MLflow's migrations take ~10 s): tests copy it
     to `<root>/mlflow.db` rather than each paying for a fresh one."""
-    from muonreg.tracking.store import connect
+    return mlflow_template()
 
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    connect(f"sqlite:///{path}")
-    return path
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The end-to-end runs' shared simulated-data cache: the first run simulates the smoke dataset
+    (and its held-out set), every later one reads it."""
+    return tmp_path_factory.mktemp("data")
+
+
+SMOKE_RUN_OVERRIDES = ("assignment_threshold=0.2", "tracking.register_as=muon-tracker")
+
+
+class SmokeRun(NamedTuple):
+    root: Path  # paths.root: outputs/ and mlflow.db
+    best: Path  # the chosen checkpoint
+    run_id: str
+    stdout: str  # what train.py printed
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_dir) -> SmokeRun:
+    """One finished smoke-sized `train.py` run (assignment_threshold=0.2, its model registered as
+    muon-tracker), shared by every test that reads a trained run; they only add to it (metrics under
+    their own prefixes, artifacts), so the order they run in does not matter."""
+    root = tmp_path_factory.mktemp("smoke_run")
+    result = run_train(root, data_dir, *SMOKE_RUN_OVERRIDES)
+    (run,) = runs(root)
+    (best,) = root.glob("outputs/**/checkpoints/best.pt")
+    return SmokeRun(root, best, run.info.run_id, result.stdout, result.stderr)
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_e2e import ENV, ROOT, client, command, runs, split
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
+
+from train_cli import ENV, ROOT, client, command, runs, split
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -14,10 +14,11 @@ from pathlib import Path
 import h5py
 import mlflow
 import pytest
-from test_train_e2e import ENV, command
 
 from muonreg.compare import compare, latest_sweep
 from muonreg.data.simulate import write_simulated_dataset
+
+from train_cli import ENV, command
 
 pytestmark = pytest.mark.slow
 

@@ -7,20 +7,19 @@ import subprocess
 import sys
 
 import pytest
-from test_predict import trained as trained  # the smoke-trained run fixture
-from test_train_e2e import ENV, ROOT, client
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.data.format import DatasetReader
 from muonreg.trained import read_checkpoint
 from muonreg.training.setup import dataset_path, run_splits
 
+from train_cli import ENV, ROOT, client
+
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_display_draws_one_and_two_muon_events_and_logs_to_the_run(trained, tmp_path):
-    root, best, run_id = trained
+def test_display_draws_one_and_two_muon_events_and_logs_to_the_run(smoke_run, tmp_path):
+    root, best, run_id = smoke_run.root, smoke_run.best, smoke_run.run_id
     _, cfg = read_checkpoint(best)
     reader = DatasetReader(dataset_path(cfg))
     test = run_splits(cfg, len(reader))["test"]

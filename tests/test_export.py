@@ -11,14 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_predict import trained as trained  # the smoke-trained run fixture
-from test_train_e2e import ENV, ROOT, client
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg import export
 from muonreg.tasks import portable
 from muonreg.trained import load_model
 from muonreg.training.setup import dataset_path
+
+from train_cli import ENV, ROOT, client
 
 
 def _spread(n: int = 20000) -> torch.Tensor:
@@ -84,8 +83,8 @@ def test_an_unwritable_destination_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_exported_tracker_matches_torch_and_is_logged_to_the_run(trained, tmp_path):
-    root, best, run_id = trained
+def test_exported_tracker_matches_torch_and_is_logged_to_the_run(smoke_run, tmp_path):
+    root, best, run_id = smoke_run.root, smoke_run.best, smoke_run.run_id
     out = tmp_path / "model.onnx"
     result = subprocess.run(
         [sys.executable, "-m", "muonreg.export", "--run-id", run_id, "--out", str(out)],

@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from test_train_e2e import ENV, ROOT, run_train
 
 from muonreg.config import ConfigError, project_root, validate
 from muonreg.data.format import DatasetReader
@@ -30,6 +29,8 @@ from muonreg.models.layers import Attention, WindowedAttention, attendable
 from muonreg.predict import predict
 from muonreg.tracking.model import stored_events
 from muonreg.trained import CheckpointError, load_model
+
+from train_cli import ENV, ROOT, run_train
 
 # Six hits: muons score 0.9, 0.8, 0.6; background 0.7, 0.4, 0.2.
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.2])

@@ -11,8 +11,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from test_train_e2e import ENV, ROOT, client, run_train, runs
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
@@ -21,17 +19,16 @@ from muonreg.tracking.model import OUTPUTS, stored_events
 from muonreg.trained import load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
+from train_cli import ENV, ROOT, client
+
 pytestmark = pytest.mark.slow
 
 
-def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(tmp_path, data_dir):
-    run_train(tmp_path, data_dir, "tracking.register_as=muon-tracker")
-    (run,) = runs(tmp_path)
-    run_id = run.info.run_id
-    (best,) = tmp_path.glob("outputs/**/checkpoints/best.pt")
-    logged = {a.path for a in client(tmp_path).list_artifacts(run_id, "model")}
+def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(smoke_run, tmp_path):
+    root, run_id, best = smoke_run.root, smoke_run.run_id, smoke_run.best
+    logged = {a.path for a in client(root).list_artifacts(run_id, "model")}
     assert {"model/MLmodel", "model/artifacts", "model/requirements.txt"} <= logged
-    (weights,) = client(tmp_path).list_artifacts(run_id, "model/artifacts")
+    (weights,) = client(root).list_artifacts(run_id, "model/artifacts")
     assert weights.file_size < 2_000_000  # weights and config only: no optimiser state
 
     model, cfg = load_model(best)
@@ -44,7 +41,7 @@ def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(tmp_path, data_dir):
         for k, v in infer(model, collate([dataset[i] for i in range(len(test))]), torch.device("cpu")).items()
     }
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     for uri in (f"runs:/{run_id}/model", "models:/muon-tracker/1"):
         pyfunc = mlflow.pyfunc.load_model(uri)
         got = pyfunc.predict(batch)
@@ -55,7 +52,7 @@ def test_pyfunc_model_of_a_run_predicts_as_its_checkpoint(tmp_path, data_dir):
 
     # the registered model also feeds muonreg.predict (--model-uri): the same predictions
     out = tmp_path / "pred.h5"
-    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     result = subprocess.run(
         [sys.executable, "-m", "muonreg.predict", "--model-uri", "models:/muon-tracker/1", "--out", str(out), "--no-fit"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train_e2e import ENV, ROOT, client
 
 from muonreg.data.format import DatasetReader
 from muonreg.data.schema import HIT_FEATURES, TRACK_FEATURES, TRUTH_LINK
+
+from train_cli import ENV, ROOT, client
 
 pytestmark = pytest.mark.slow
 LINK = HIT_FEATURES.index(TRUTH_LINK)

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from test_train_e2e import ENV, ROOT, run_train, runs
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.data.dataset import MuonEventDataset, collate
 from muonreg.data.format import DatasetReader
@@ -24,18 +22,10 @@ from muonreg.reco.fit import fit_tracks
 from muonreg.trained import load_model
 from muonreg.training.setup import dataset_path, hit_features, run_splits
 
+from train_cli import ENV, ROOT, runs
+
 pytestmark = pytest.mark.slow
 FIELDS = ("eta", "phi", "pt", "q")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> tuple[Path, Path, str]:
-    """(root, best checkpoint, MLflow run id) of one smoke run."""
-    root = tmp_path_factory.mktemp("trained")
-    run_train(root, data_dir)
-    (run,) = runs(root)
-    (best,) = root.glob("outputs/**/checkpoints/best.pt")
-    return root, best, run.info.run_id
 
 
 def predict(*args: str, root: Path | None = None) -> subprocess.CompletedProcess:
@@ -50,8 +40,8 @@ def predict(*args: str, root: Path | None = None) -> subprocess.CompletedProcess
     )
 
 
-def test_predictions_read_back_with_h5py_equal_the_models_in_memory(trained, tmp_path):
-    _, best, _ = trained
+def test_predictions_read_back_with_h5py_equal_the_models_in_memory(smoke_run, tmp_path):
+    best = smoke_run.best
     out = tmp_path / "pred.h5"
     # batches of 5: several appends; a low hit threshold so that the smoke model's tracks get hits to fit
     result = predict(
@@ -113,8 +103,8 @@ def test_predictions_read_back_with_h5py_equal_the_models_in_memory(trained, tmp
     assert fitted > 0
 
 
-def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
-    root, best, run_id = trained
+def test_predict_by_run_id_and_one_line_errors(smoke_run, tmp_path):
+    root, best, run_id = smoke_run.root, smoke_run.best, smoke_run.run_id
     out = tmp_path / "sub" / "test.h5"
     result = predict("--run-id", run_id, "--out", str(out), "--no-fit", root=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,10 +127,10 @@ def test_predict_by_run_id_and_one_line_errors(trained, tmp_path):
         assert not list(tmp_path.glob("x.h5*"))
 
 
-def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained, capfd):
+def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(smoke_run, capfd):
     """`--hit-threshold` at the model's own 0.5 reproduces the run's test metrics exactly; at 0.3 its
     metrics and report go to the run under `test_hit0.3`, the run's own untouched."""
-    root, _, run_id = trained
+    root, run_id = smoke_run.root, smoke_run.run_id
     uri = f"sqlite:///{root / 'mlflow.db'}"
     before = runs(root)[0].data.metrics
     for threshold in ("0.5", "0.3"):
@@ -166,11 +156,11 @@ def test_evaluate_at_another_hit_working_point_logs_beside_the_runs_own(trained,
         evaluate_main(["--run-id", run_id, "--tracking-uri", uri, "--hit-threshold", "1"])
 
 
-def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained):
+def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(smoke_run):
     """The test evaluation runs in float32 whatever the training's precision: `--set trainer.precision=bf16`
     gives the run's own test metrics, under their own prefix; `--set evaluation.precision=bf16` evaluates
     in bf16 autocast (on CPU too), the run's own metrics untouched; a key the run lacks or a value that is not YAML fails naming it."""
-    root, _, run_id = trained
+    root, run_id = smoke_run.root, smoke_run.run_id
     uri = f"sqlite:///{root / 'mlflow.db'}"
     before = runs(root)[0].data.metrics
     for key in ("trainer", "evaluation"):
@@ -193,11 +183,11 @@ def test_evaluate_with_a_changed_configuration_logs_beside_the_runs_own(trained)
 
 
 def test_evaluating_the_heldout_set_again_gives_the_runs_own_figures_and_on_the_training_detector_others(
-    trained, tmp_path
+    smoke_run, tmp_path
 ):
     """`--split heldout` re-measures what the run logged; with `alignment_seed=null` the same held-out events
     come from the training detector (what the other misalignment costs), under their own prefix."""
-    root, best, _ = trained
+    root, best = smoke_run.root, smoke_run.best
     own = runs(root)[0].data.metrics
     metrics, _ = evaluate_checkpoint(best, "heldout", tmp_path / "heldout")
     for key in ("heldout/loss", "heldout/track_efficiency", "heldout/muons_pt5_10", "heldout/paired_muons"):

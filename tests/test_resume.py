@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train_e2e import client, last_sidecar, run_train, runs, signal_when, split
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.tracking.runs import CONTINUED
+
+from train_cli import client, last_sidecar, run_train, runs, signal_when, split
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,11 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from test_train_e2e import ENV, ROOT, command
 
 from hydra_plugins.muonreg_optuna_sweeper.optuna_sweeper import OptunaSweeper, search_space, trials_done
 from muonreg.compare import compare
+
+from train_cli import ENV, ROOT, command
 
 
 def test_hydra_sweeps_become_optuna_distributions():

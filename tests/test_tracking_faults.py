@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_train_e2e import ENV, ROOT, client, command, runs, split
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.compare import table
 from muonreg.config import ConfigError
@@ -27,6 +25,8 @@ from muonreg.tracking.replay import replay_file
 from muonreg.tracking.sink import TrackingSink
 from muonreg.tracking.store import TrackingError, connect
 from muonreg.training.rundir import RunDir, find_resumable, resume_target
+
+from train_cli import ENV, ROOT, client, command, runs, split
 
 HOLD_LOCK = """
 import fcntl, sys, time

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from test_train_e2e import client, run_train, runs
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from muonreg.evaluation.calibration import calibrate_uncertainty
 from muonreg.trained import load_model
 from muonreg.training.setup import build_data, eval_loader, evaluation_sets
+
+from train_cli import client, run_train, runs
 
 pytestmark = pytest.mark.slow
 EVENTS = 3000  # the fewest (with 4 epochs of batch 32) after which the network reconstructs muons

@@ -9,10 +9,9 @@ import subprocess
 
 import mlflow
 import pytest
-from test_train_e2e import ENV, ROOT, command
-from test_train_e2e import data_dir as data_dir  # the shared simulated-data fixture
 
 from conftest import random_events, write_reference_dataset
+from train_cli import ENV, ROOT, command
 
 pytestmark = pytest.mark.slow
 
